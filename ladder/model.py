@@ -1,0 +1,149 @@
+"""A Llama-style decoder whose layers each follow their own residual schedule.
+
+The model holds one rank's shard (the whole model at TP=1, with no process group needed) and returns
+that rank's slice of the vocabulary logits. Tensor names follow Hugging Face's `LlamaForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ladder import distributed as comm
+from ladder.config import LadderConfig
+from ladder.layers import DecoderLayer, KVCache, StepContext, VocabParallelEmbedding, rope_inverse_frequencies
+from ladder.residual import residual_stream
+from ladder.sharding import ShardPlan, even_range
+
+
+class CacheError(ValueError):
+    """A prompt or generation that does not fit the KV cache."""
+
+
+class LadderModel(nn.Module):
+    def __init__(self, config: LadderConfig, plan: ShardPlan) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config, plan)
+        self.layers = nn.ModuleList(DecoderLayer(config, plan, s) for s in config.schedules)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, ids: torch.Tensor, step: StepContext) -> torch.Tensor:
+        return self.norm(residual_stream(self.embed_tokens(ids), self.layers, step))
+
+
+class LadderForCausalLM(nn.Module):
+    """Embed, decoder layers under their schedules, final norm, vocab-parallel LM head.
+
+    `rank`/`world` default to the current process group (rank 0 of 1 without one).
+    """
+
+    def __init__(self, config: LadderConfig, rank: int | None = None, world: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.plan = ShardPlan(config, comm.rank() if rank is None else rank,
+                              comm.world_size() if world is None else world)
+        self.model = LadderModel(config, self.plan)
+        self.lm_head = nn.Linear(config.hidden_size, len(self.plan.vocab), bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.cache_length = 0
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def load_full_state_dict(self, full: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load this rank's shard out of a whole-model Hugging Face state dict."""
+        own = self.state_dict()
+        if self.config.tie_word_embeddings:
+            own.pop("lm_head.weight", None)
+        shard = {}
+        for name in own:
+            tensor = full[name] if strict or name in full else own[name]
+            part = self.plan.slice_of(name)
+            if part is not None:
+                tensor = tensor.narrow(part.dim, part.start, part.stop - part.start)
+            shard[name] = tensor
+        self.load_state_dict(shard, strict=False)
+
+    # --- inference ----------------------------------------------------------------------------
+
+    def setup_cache(self, batch: int, length: int, dtype: torch.dtype | None = None) -> None:
+        """Preallocate the KV cache for `batch` sequences of up to `length` tokens."""
+        dtype = dtype or self.lm_head.weight.dtype
+        if length > self.config.max_position_embeddings:
+            raise CacheError(f"cache length {length} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.cache = KVCache(batch, attn.n_kv_heads, length, attn.head_dim, dtype)
+        self.cache_length = length
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+        self.cache_length = 0
+
+    def step_context(self, tokens: int, batch: int, slot: int | None,
+                     padding: torch.Tensor | None) -> StepContext:
+        """Rotary tables and attention mask for `tokens` new tokens, shared by every layer.
+
+        `padding[b]` is how many left-padding slots sequence b has: its positions start after them
+        and no query attends to them.
+        """
+        start = slot or 0
+        if slot is not None and start + tokens > self.cache_length:
+            raise CacheError(f"{start + tokens} tokens do not fit the KV cache of {self.cache_length}; "
+                             "call setup_cache with a larger length")
+        slots = torch.arange(start, start + tokens)
+        positions = slots.expand(batch, tokens)
+        if padding is not None:
+            positions = (positions - padding[:, None]).clamp(min=0)
+        angles = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+        dtype = self.lm_head.weight.dtype
+        mask = None
+        if padding is not None or (tokens > 1 and start > 0):
+            keys = torch.arange(start + tokens)
+            mask = keys <= slots[:, None]
+            if padding is not None:
+                # Padding queries attend to themselves only, so their rows stay finite.
+                mask = (mask & (keys >= padding[:, None, None])) | (keys == slots[:, None])
+            mask = mask.expand(batch, tokens, start + tokens).unsqueeze(1)
+        return StepContext(angles.cos().to(dtype), angles.sin().to(dtype), mask, slot)
+
+    def forward(self, ids: torch.Tensor, slot: int | None = None,
+                padding: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits, [batch, tokens, len(plan.vocab)].
+
+        Without `slot` the tokens are a whole sequence and no cache is used (training, scoring);
+        with it they are written to the KV cache from `slot` on (prefill, decode).
+        """
+        step = self.step_context(ids.shape[1], ids.shape[0], slot, padding)
+        hidden = comm.copy_to_parallel(self.model(ids, step))
+        return self.lm_head(hidden).float()
+
+    def gather_vocab(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's vocabulary slices joined into full logits (for checks, not the decode path)."""
+        if self.plan.world == 1:
+            return local
+        vocab, world = self.config.vocab_size, self.plan.world
+        widest = len(even_range(vocab, world, 0))
+        parts = comm.all_gather(F.pad(local, (0, widest - local.shape[-1])))
+        return torch.cat([parts[r, ..., :len(even_range(vocab, world, r))] for r in range(world)], dim=-1)
+
+
+def random_full_state_dict(config: LadderConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Random whole-model weights in Hugging Face naming, identical whatever the TP size."""
+    with torch.device("meta"):
+        shapes = LadderForCausalLM(config, rank=0, world=1).state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    full = {}
+    for name, meta in shapes.items():
+        if name.endswith("norm.weight"):
+            full[name] = 1.0 + 0.1 * torch.randn(meta.shape, generator=generator)
+        else:
+            full[name] = std * torch.randn(meta.shape, generator=generator)
+    if config.tie_word_embeddings:
+        full["lm_head.weight"] = full["model.embed_tokens.weight"]
+    return full
