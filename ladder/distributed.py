@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -68,7 +69,7 @@ def world_size() -> int:
 
 def _failed(op: str, exc: Exception) -> CommunicationError:
     return CommunicationError(
-        f"rank {rank()}: {op} failed, another rank probably died or hung: {str(exc).splitlines()[0]}"
+        f"rank {rank()}: {op} failed (did another rank die, hang or disagree?): {str(exc).splitlines()[0]}"
     )
 
 
@@ -118,12 +119,13 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Stack every rank's `tensor` (same shape on all ranks) along a new leading axis."""
     if world_size() == 1:
         return tensor.unsqueeze(0)
-    out = tensor.new_empty((world_size(), *tensor.shape))
+    flat = tensor.reshape(1, -1).contiguous()
+    out = flat.new_empty((world_size(), flat.shape[1]))
     try:
-        dist.all_gather_into_tensor(out, tensor.contiguous())
+        dist.all_gather_single(out, flat)
     except Exception as exc:
         raise _failed("all_gather", exc) from exc
-    return out
+    return out.view(world_size(), *tensor.shape)
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -252,8 +254,8 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, placeme
     try:
         apply_placement(placement, rank, world)
         init(timeout_s)
-        value = fn(*args, **kwargs)
-        results.put((rank, True, value))
+        # Plain pickle sends tensors by value: a shared-memory handle would die with this process.
+        results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         raise SystemExit(1) from None
@@ -316,4 +318,4 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
     if failures:
         detail = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failures.items())
         raise LaunchError(f"{len(failures)} of {world} ranks failed:\n{detail}")
-    return [outcomes[r][1] for r in range(world)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world)]

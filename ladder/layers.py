@@ -23,7 +23,8 @@ from ladder.sharding import ShardPlan
 def rope_inverse_frequencies(config: LadderConfig) -> torch.Tensor:
     """Rotary inverse frequencies, with Llama 3's long-context rescaling when configured."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     scaling = config.rope_scaling
     if not scaling or scaling.get("rope_type", scaling.get("type")) != "llama3":
         return inv_freq
@@ -88,7 +89,7 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         self.uniform_groups = kv_of_head == [h // group for h in range(self.n_heads)]
         # When TP splits a kv group unevenly, each query head picks its kv head explicitly.
-        self.register_buffer("kv_of_head", torch.tensor(kv_of_head), persistent=False)
+        self.kv_of_head = torch.tensor(kv_of_head, device="cpu")
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:

@@ -47,7 +47,7 @@ class LadderForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, len(self.plan.vocab), bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.inv_freq = rope_inverse_frequencies(config)  # fp32 whatever the weights' dtype
         self.cache_length = 0
 
     # --- loading ------------------------------------------------------------------------------

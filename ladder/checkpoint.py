@@ -1,0 +1,112 @@
+"""Loading a Ladder checkpoint (a Hugging Face Llama directory) one rank's slices at a time.
+
+Each rank opens the safetensors files lazily and reads only the rows or columns its shard plan
+names, so its peak memory is about the model's size divided by the TP size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ladder import distributed as comm
+from ladder.config import LadderConfig, Schedule
+from ladder.model import LadderForCausalLM
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and tensor."""
+
+
+def load_config(path: str | Path) -> LadderConfig:
+    return LadderConfig.from_file(Path(path) / "config.json")
+
+
+def weight_map(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, from the index or the single file."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
+        files = {name: path / file for name, file in mapping.items()}
+        missing = sorted({str(f) for f in files.values() if not f.exists()})
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    single = path / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    try:
+        with safe_open(single, "pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{single}: not a readable safetensors file ({exc})") from None
+
+
+def read_shard(files: dict[str, Path], model: LadderForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """This rank's part of every tensor `model` holds, read lazily and checked against the config."""
+    with torch.device("meta"):
+        expected_full = LadderForCausalLM(model.config, rank=0, world=1).state_dict()
+    wanted = [n for n in model.state_dict() if not (model.config.tie_word_embeddings and n == "lm_head.weight")]
+    missing = [n for n in wanted if n not in files]
+    if missing:
+        raise CheckpointError(f"{next(iter(files.values())).parent}: missing tensor(s) "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(set(files) - set(expected_full))
+    if unexpected:
+        raise CheckpointError(f"{files[unexpected[0]]}: tensor(s) the config does not describe: "
+                              f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    shard: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, "pt") as f:
+                for name in names:
+                    lazy = f.get_slice(name)
+                    shape, full_shape = tuple(lazy.get_shape()), tuple(expected_full[name].shape)
+                    if shape != full_shape:
+                        raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, "
+                                              f"the config implies {list(full_shape)}")
+                    part = model.plan.slice_of(name)
+                    if part is None:
+                        tensor = lazy[:]
+                    elif part.dim == 0:
+                        tensor = lazy[part.start:part.stop]
+                    else:
+                        tensor = lazy[:, part.start:part.stop]
+                    shard[name] = tensor.to(dtype)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+    return shard
+
+
+def from_pretrained(path: str | Path, rank: int | None = None, world: int | None = None,
+                    dtype: torch.dtype = torch.float32,
+                    schedules: list[Schedule | str] | None = None) -> LadderForCausalLM:
+    """Build this rank's shard of the Ladder (or plain Llama) checkpoint at `path`.
+
+    `rank`/`world` default to the current process group; `schedules` overrides the per-layer
+    residual schedules stored in the checkpoint (e.g. to benchmark the same weights as standard).
+    """
+    config = load_config(path)
+    if schedules is not None:
+        config = config.with_schedules(list(schedules))
+    rank = comm.rank() if rank is None else rank
+    world = comm.world_size() if world is None else world
+    with torch.device("meta"):
+        model = LadderForCausalLM(config, rank, world)
+    model.load_state_dict(read_shard(weight_map(path), model, dtype), strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()

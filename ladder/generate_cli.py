@@ -1,0 +1,100 @@
+"""`ladder generate CKPT --prompt ... --tp N`: spawns N local ranks, or joins torchrun's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ladder import distributed as comm
+from ladder.checkpoint import from_pretrained, load_config
+from ladder.config import Schedule
+from ladder.generate import Sampling, generate
+from ladder.sharding import ShardPlan
+from ladder.tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="Ladder or Hugging Face Llama checkpoint directory")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to spawn (ignored under torchrun)")
+    parser.add_argument("--schedule", choices=[s.value for s in Schedule],
+                        help="run every layer with this schedule instead of the checkpoint's")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--pin", action="store_true", help="pin each rank to its own cores")
+    parser.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
+    parser.add_argument("--timeout", type=float, default=comm.DEFAULT_TIMEOUT_S,
+                        help="seconds before a dead or missing rank makes the others fail")
+    parser.add_argument("--json-out", type=Path, help="also write the answers and timings here")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.checkpoint)
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.tp
+    ShardPlan(config, 0, world)  # refuse an impossible TP size before any rank starts
+    if under_torchrun:
+        comm.apply_placement(comm.Placement(pin=args.pin, threads=args.threads), int(os.environ["RANK"]), world)
+        comm.init(args.timeout)
+        try:
+            generate_on_rank(args)
+        finally:
+            comm.shutdown()
+    elif world == 1:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        generate_on_rank(args)
+    else:
+        comm.launch(generate_on_rank, world, args, placement=comm.Placement(pin=args.pin, threads=args.threads),
+                    timeout_s=args.timeout)
+    return 0
+
+
+def generate_on_rank(args: argparse.Namespace) -> None:
+    leader = comm.rank() == 0
+    tokenizer = Tokenizer(args.checkpoint)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
+             for p in args.prompt]
+    prompts = [tokenizer.encode(t) for t in texts]
+    schedules = None if args.schedule is None else [args.schedule] * load_config(args.checkpoint).num_hidden_layers
+    model = from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], schedules=schedules)
+    stops = set(model.config.eos_token_ids)
+    for key in ("eos_token",):
+        if (token := tokenizer.token_id(key)) is not None:
+            stops.add(token)
+    stream = StreamDecoder(tokenizer) if leader and len(prompts) == 1 else None
+
+    def show(tokens: torch.Tensor) -> None:
+        if stream and int(tokens[0]) not in stops:
+            print(stream.push(int(tokens[0])), end="", flush=True)
+
+    result = generate(model, prompts, max_new_tokens=args.max_new_tokens,
+                      sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
+                      stop_tokens=sorted(stops), on_tokens=show)
+    if not leader:
+        return
+    answers = [tokenizer.decode(row) for row in result.tokens]
+    if stream:
+        print()
+    else:
+        for text, answer in zip(args.prompt, answers, strict=True):
+            print(f"### {text}\n{answer}\n")
+    print(f"[{comm.world_size()} rank(s), prompt {result.prompt_tokens} tokens, prefill "
+          f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tokens/s]",
+          file=sys.stderr)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({
+            "checkpoint": str(args.checkpoint), "world_size": comm.world_size(), "answers": answers,
+            "tokens": result.tokens, "prefill_seconds": result.prefill_seconds,
+            "decode_tokens_per_second": result.decode_tokens_per_second}, indent=2))
