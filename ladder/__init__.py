@@ -1,5 +1,6 @@
 """Ladder-Residual transformers: tensor-parallel Llama inference that hides communication."""
 
+from ladder.checkpoint import CheckpointError, from_pretrained
 from ladder.config import ConfigError, LadderConfig, Schedule
 from ladder.distributed import CommunicationError, LaunchError, Placement, launch
 from ladder.generate import Generation, Sampling, generate
@@ -8,6 +9,7 @@ from ladder.sharding import ShardingError, ShardPlan
 
 __all__ = [
     "CacheError",
+    "CheckpointError",
     "CommunicationError",
     "ConfigError",
     "Generation",
@@ -19,6 +21,7 @@ __all__ = [
     "Schedule",
     "ShardPlan",
     "ShardingError",
+    "from_pretrained",
     "generate",
     "launch",
     "random_full_state_dict",
