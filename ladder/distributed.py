@@ -197,8 +197,8 @@ def reduce_from_parallel_start(partial: torch.Tensor) -> Pending:
     if world_size() == 1 or not (torch.is_grad_enabled() and partial.requires_grad):
         return all_reduce_start(partial)
     box: list[Pending] = []
-    out = _ReduceFromParallel.apply(partial, box)
-    return Pending(out, box[0]._work)
+    _ReduceFromParallel.apply(partial, box)  # returns the very tensor that box[0] is reducing
+    return box[0]
 
 
 # --- launching ranks --------------------------------------------------------------------------
