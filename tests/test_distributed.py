@@ -1,0 +1,83 @@
+"""The collectives and the launcher, on real gloo ranks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ladder import distributed as comm
+
+
+def _collectives() -> dict:
+    me, world = comm.rank(), comm.world_size()
+    torch.manual_seed(100 + me)
+    x = torch.randn(4096)
+    exact = comm.all_reduce(x.double().clone())
+    out = {"rank": me, "world": world, "threads": torch.get_num_threads(),
+           "affinity": sorted(os.sched_getaffinity(0))}
+    # bf16 all-reduce on gloo has had bugs (pytorch issue 111131): it must agree with the exact sum
+    # to the precision of the dtype, synchronous and asynchronous alike.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        blocking = comm.all_reduce(x.to(dtype, copy=True))
+        pending = comm.all_reduce_start(x.to(dtype, copy=True))
+        scale = exact.abs().max().item()
+        out[str(dtype)] = max((blocking.double() - exact).abs().max().item(),
+                              (pending.wait().double() - exact).abs().max().item()) / scale
+    out["max"] = comm.all_reduce(torch.tensor([float(me)]), op="max").item()
+    out["gathered"] = comm.all_gather(torch.full((2, 3), float(me))).tolist()
+    out["object"] = comm.broadcast_object({"from": me})
+    out["broadcast"] = comm.broadcast(torch.tensor([me + 7])).item()
+    return out
+
+
+def test_collectives_on_three_ranks() -> None:
+    results = comm.launch(_collectives, 3, placement=comm.Placement(threads=1))
+    for r, out in enumerate(results):
+        assert (out["rank"], out["world"], out["threads"]) == (r, 3, 1)
+        assert out[str(torch.float32)] < 1e-6
+        assert out[str(torch.bfloat16)] < 2 ** -6   # a few bf16 ulps
+        assert out[str(torch.float16)] < 2 ** -9
+        assert out["max"] == 2.0
+        assert out["gathered"] == [[[float(k)] * 3] * 2 for k in range(3)]
+        assert out["object"] == {"from": 0}
+        assert out["broadcast"] == 7
+
+
+def test_pinning_places_ranks_on_their_own_cores() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    results = comm.launch(_collectives, 2, placement=comm.Placement(pin=True))
+    assert [out["affinity"] for out in results] == [[cores[0]], [cores[1]]]
+    assert [out["threads"] for out in results] == [1, 1]
+
+
+def test_placement_split() -> None:
+    placement = comm.Placement(cores=[[0, 1], [2, 3]])
+    assert placement.cores_for(1, 2) == [2, 3]
+    assert placement.threads_for(1, 2) == 2
+    assert comm.Placement(threads=3).threads_for(0, 2) == 3
+    assert comm.Placement().cores_for(0, 2) is None
+
+
+def test_without_process_group_collectives_are_identity() -> None:
+    x = torch.arange(4.0)
+    assert comm.world_size() == 1 and comm.rank() == 0
+    assert comm.all_reduce(x.clone()).equal(x)
+    assert comm.all_reduce_start(x.clone()).wait().equal(x)
+    assert comm.all_gather(x).shape == (1, 4)
+    assert comm.broadcast_object([3]) == [3]
+
+
+def _fail_on_rank_one() -> int:
+    if comm.rank() == 1:
+        raise ValueError("rank one refuses")
+    return comm.rank()
+
+
+def test_launch_reports_the_failing_rank() -> None:
+    with pytest.raises(comm.LaunchError, match="rank 1") as info:
+        comm.launch(_fail_on_rank_one, 2, timeout_s=10)
+    assert "rank one refuses" in str(info.value)
