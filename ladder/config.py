@@ -55,7 +55,8 @@ class LadderConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
+        # A non-positive head count is left for validate() to name, rather than dividing by it here.
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
                     f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "

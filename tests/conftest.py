@@ -1,0 +1,76 @@
+"""Shared builders for the core-library tests: tiny configs and the Hugging Face reference model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from ladder import LadderConfig, Schedule
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+
+
+def tiny_config(**overrides: Any) -> LadderConfig:
+    """A 4-layer model small enough for multi-rank runs on 2 cores, with every feature switched on.
+
+    GQA (6 heads, 2 kv heads), an explicit head_dim unlike hidden/heads, llama3 rope scaling whose
+    original context (16) is shorter than the test sequences, tied embeddings, biases, and sizes
+    (vocab 101, MLP 80) that no TP size above 1 divides.
+    """
+    fields: dict[str, Any] = dict(
+        vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=10, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500.0,
+        rope_scaling=dict(LLAMA3_SCALING), tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+    )
+    fields.update(overrides)
+    return LadderConfig(**fields)
+
+
+def smollm2_layout_config(**overrides: Any) -> LadderConfig:
+    """SmolLM2-135M's head layout (9 heads, 3 kv heads, tied) at toy width: nothing divides by 2 or 4."""
+    fields: dict[str, Any] = dict(
+        vocab_size=103, hidden_size=36, intermediate_size=50, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1e5,
+        tie_word_embeddings=True,
+    )
+    fields.update(overrides)
+    return LadderConfig(**fields)
+
+
+def hybrid(n_layers: int) -> list[Schedule]:
+    """The paper's adaptation layout: the upper half of the layers ladder, the lower half standard."""
+    return [Schedule.STANDARD] * (n_layers // 2) + [Schedule.LADDER] * (n_layers - n_layers // 2)
+
+
+def hf_llama_model(config: LadderConfig, state_dict: dict[str, torch.Tensor], **changes: Any) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM built from `config.to_dict()` (plus `changes`) with these weights.
+
+    Eager attention with the test's own mask keeps the reference independent of SDPA's causal path.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = config.with_schedules([Schedule.STANDARD] * config.num_hidden_layers).to_dict()
+    fields.update(changes)
+    model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="eager")).eval()
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_tiny_config() -> Callable[..., LadderConfig]:
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def make_smollm2_layout_config() -> Callable[..., LadderConfig]:
+    return smollm2_layout_config
+
+
+@pytest.fixture(scope="session")
+def hf_llama() -> Callable[..., torch.nn.Module]:
+    return hf_llama_model
