@@ -18,6 +18,7 @@ from ladder.model import LadderForCausalLM
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class CheckpointError(ValueError):
@@ -52,10 +53,15 @@ def weight_map(path: str | Path) -> dict[str, Path]:
         raise CheckpointError(f"{single}: not a readable safetensors file ({exc})") from None
 
 
+def full_shapes(config: LadderConfig) -> dict[str, torch.Size]:
+    """Every tensor a checkpoint of `config` holds (Hugging Face names) and its whole-model shape."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in LadderForCausalLM(config, rank=0, world=1).state_dict().items()}
+
+
 def read_shard(files: dict[str, Path], model: LadderForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """This rank's part of every tensor `model` holds, read lazily and checked against the config."""
-    with torch.device("meta"):
-        expected_full = LadderForCausalLM(model.config, rank=0, world=1).state_dict()
+    expected_full = full_shapes(model.config)
     wanted = [n for n in model.state_dict() if not (model.config.tie_word_embeddings and n == "lm_head.weight")]
     missing = [n for n in wanted if n not in files]
     if missing:
@@ -74,10 +80,13 @@ def read_shard(files: dict[str, Path], model: LadderForCausalLM, dtype: torch.dt
             with safe_open(file, "pt") as f:
                 for name in names:
                     lazy = f.get_slice(name)
-                    shape, full_shape = tuple(lazy.get_shape()), tuple(expected_full[name].shape)
+                    shape, full_shape = tuple(lazy.get_shape()), tuple(expected_full[name])
                     if shape != full_shape:
                         raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, "
                                               f"the config implies {list(full_shape)}")
+                    if lazy.get_dtype() not in FLOAT_DTYPES:
+                        raise CheckpointError(f"{file}: tensor {name} has dtype {lazy.get_dtype()}, "
+                                              "weights must be floating point")
                     part = model.plan.slice_of(name)
                     if part is None:
                         tensor = lazy[:]

@@ -1,0 +1,89 @@
+"""Hugging Face Llama directories (and Ladder checkpoints, which share their layout).
+
+`config.json` in any of its rope spellings, `model.safetensors` or shards listed by
+`model.safetensors.index.json`, tied or untied head. Tensors are read one at a time from the
+memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from conversion.source import ConversionError, Source
+from ladder.checkpoint import INDEX_FILE, CheckpointError, weight_map
+
+LLAMA_MODEL_TYPES = ("llama", "llamaLadder")
+# Files that describe the tokenizer or generation defaults, copied as they are when present.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+              "generation_config.json")
+# Buffers some older checkpoints saved with the weights; recomputed from the config, never needed.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_json(file: Path, what: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{file}: no such file ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{file}: expected a JSON object ({what})")
+    return raw
+
+
+class HuggingFaceSource(Source):
+    format = "Hugging Face"
+
+    def __init__(self, path: Path) -> None:
+        config = read_json(path / "config.json", "the model's configuration")
+        model_type = config.get("model_type", "llama")
+        if model_type not in LLAMA_MODEL_TYPES:
+            raise ConversionError(f"{path / 'config.json'}: model_type {model_type!r} is not a Llama model "
+                                  f"(expected one of {', '.join(LLAMA_MODEL_TYPES)})")
+        try:
+            self.files_of = {name: file for name, file in weight_map(path).items()
+                             if not name.endswith(IGNORED_SUFFIXES)}
+        except CheckpointError as exc:
+            raise ConversionError(str(exc)) from None
+        shapes = {}
+        for file, names in self._by_file().items():
+            with self._open(file) as f:
+                stored = set(f.keys())
+                for name in names:
+                    if name not in stored:
+                        raise ConversionError(f"{path / INDEX_FILE} places tensor {name} in {file}, "
+                                              "which does not hold it")
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        super().__init__(path, config, shapes, {name: f"{file}: {name}" for name, file in self.files_of.items()})
+
+    def _by_file(self) -> dict[Path, list[str]]:
+        by_file: dict[Path, list[str]] = {}
+        for name, file in self.files_of.items():
+            by_file.setdefault(file, []).append(name)
+        return by_file
+
+    def _open(self, file: Path) -> Any:
+        try:
+            return safe_open(file, "pt")
+        except (SafetensorError, OSError) as exc:
+            raise ConversionError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for file, names in self._by_file().items():
+            with self._open(file) as f:
+                for name in names:
+                    try:
+                        yield name, f.get_tensor(name)
+                    except SafetensorError as exc:
+                        raise ConversionError(f"{file}: tensor {name} cannot be read ({exc})") from None
+
+    def files(self) -> dict[str, bytes]:
+        return {name: (self.path / name).read_bytes() for name in SIDE_FILES if (self.path / name).is_file()}
