@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "generate": ("ladder.generate_cli", "generate text under TP=N from a Ladder checkpoint"),
+    "convert": ("conversion.cli", "convert a Hugging Face, Meta or GGUF Llama checkpoint into a Ladder checkpoint"),
 }
 
 
