@@ -10,6 +10,10 @@ import torch
 
 from ladder import LadderConfig, Schedule
 
+# One compute thread: on this shared 2-core machine a second one mostly spins (tiny SDPA calls were
+# 7x slower with two), and launched ranks set their own thread counts anyway.
+torch.set_num_threads(1)
+
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
 
