@@ -32,6 +32,12 @@ class LaunchError(RuntimeError):
     """One or more ranks of a launched job failed; the message has each failing rank's error."""
 
 
+# The model's collectives run over the tensor-parallel group, gradients are averaged over the
+# data-parallel group. None means the whole world (the default: pure tensor parallelism).
+_tensor_group: Any = None
+_data_group: Any = None
+
+
 # --- the process group ------------------------------------------------------------------------
 
 
@@ -55,25 +61,91 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
 
 
 def shutdown() -> None:
+    global _tensor_group, _data_group
+    _tensor_group = _data_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def rank() -> int:
+def init_layout(tensor_parallel: int) -> None:
+    """Split the world into `world / tensor_parallel` data-parallel replicas of one model each.
+
+    A replica is `tensor_parallel` consecutive ranks; ranks holding the same shard in different
+    replicas form a data-parallel group. Afterwards `rank()`/`world_size()` and every collective
+    refer to this rank's tensor-parallel group.
+    """
+    global _tensor_group, _data_group
+    world = global_world_size()
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise ValueError(f"tensor-parallel size {tensor_parallel} does not divide the world of {world} ranks")
+    if tensor_parallel == world:
+        _tensor_group = _data_group = None
+        return
+    me = global_rank()
+    # Every rank must create every group, in the same order.
+    for first in range(0, world, tensor_parallel):
+        group = dist.new_group(list(range(first, first + tensor_parallel)))
+        if first <= me < first + tensor_parallel:
+            _tensor_group = group
+    for offset in range(tensor_parallel):
+        group = dist.new_group(list(range(offset, world, tensor_parallel)))
+        if me % tensor_parallel == offset:
+            _data_group = group
+
+
+def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def world_size() -> int:
+def global_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This rank's index in its tensor-parallel group (the whole world unless `init_layout` split it)."""
+    return dist.get_rank(_tensor_group) if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The tensor-parallel size (the whole world unless `init_layout` split it)."""
+    return dist.get_world_size(_tensor_group) if dist.is_initialized() else 1
+
+
+def data_parallel_rank() -> int:
+    return dist.get_rank(_data_group) if _data_group is not None else 0
+
+
+def data_parallel_size() -> int:
+    return dist.get_world_size(_data_group) if _data_group is not None else 1
 
 
 def _failed(op: str, exc: Exception) -> CommunicationError:
     return CommunicationError(
-        f"rank {rank()}: {op} failed (did another rank die, hang or disagree?): {str(exc).splitlines()[0]}"
+        f"rank {global_rank()}: {op} failed (did another rank die, hang or disagree?): {str(exc).splitlines()[0]}"
     )
 
 
 # --- collectives ------------------------------------------------------------------------------
+
+
+class WaitClock:
+    """Seconds this process spent blocked in `Pending.wait`, counted only while `enabled`.
+
+    Benchmarks switch it on to see how much communication a schedule leaves exposed; off (the
+    default) it costs one attribute check per wait.
+    """
+
+    enabled = False
+    seconds = 0.0
+
+    @classmethod
+    def start(cls) -> None:
+        cls.enabled, cls.seconds = True, 0.0
+
+    @classmethod
+    def stop(cls) -> float:
+        cls.enabled = False
+        return cls.seconds
 
 
 class Pending:
@@ -87,10 +159,13 @@ class Pending:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
+            started = time.perf_counter() if WaitClock.enabled else 0.0
             try:
                 self._work.wait()
             except Exception as exc:
                 raise _failed("all_reduce", exc) from exc
+            if WaitClock.enabled:
+                WaitClock.seconds += time.perf_counter() - started
             self._work = None
         return self._tensor
 
@@ -100,7 +175,7 @@ def all_reduce_start(tensor: torch.Tensor) -> Pending:
     if world_size() == 1:
         return Pending(tensor)
     try:
-        return Pending(tensor, dist.all_reduce(tensor, async_op=True))
+        return Pending(tensor, dist.all_reduce(tensor, group=_tensor_group, async_op=True))
     except Exception as exc:
         raise _failed("all_reduce", exc) from exc
 
@@ -109,7 +184,8 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max) across ranks, in place, blocking."""
     if world_size() > 1:
         try:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+                            group=_tensor_group)
         except Exception as exc:
             raise _failed(f"all_reduce({op})", exc) from exc
     return tensor
@@ -122,7 +198,7 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.reshape(1, -1).contiguous()
     out = flat.new_empty((world_size(), flat.shape[1]))
     try:
-        dist.all_gather_single(out, flat)
+        dist.all_gather_single(out, flat, group=_tensor_group)
     except Exception as exc:
         raise _failed("all_gather", exc) from exc
     return out.view(world_size(), *tensor.shape)
@@ -131,7 +207,7 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if world_size() > 1:
         try:
-            dist.broadcast(tensor, src)
+            dist.broadcast(tensor, group=_tensor_group, group_src=src)
         except Exception as exc:
             raise _failed("broadcast", exc) from exc
     return tensor
@@ -143,18 +219,52 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         return obj
     box = [obj]
     try:
-        dist.broadcast_object_list(box, src)
+        dist.broadcast_object_list(box, group=_tensor_group, group_src=src)
     except Exception as exc:
         raise _failed("broadcast_object", exc) from exc
     return box[0]
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    """Wait for every rank of the whole world (all replicas, not only this tensor-parallel group)."""
+    if global_world_size() > 1:
         try:
             dist.barrier()
         except Exception as exc:
             raise _failed("barrier", exc) from exc
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every tensor-parallel rank's `obj` (e.g. its shard of a tensor), on that group's rank 0 only."""
+    if world_size() == 1:
+        return [obj]
+    box: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    try:
+        dist.gather_object(obj, box, group=_tensor_group, group_dst=0)
+    except Exception as exc:
+        raise _failed("gather_object", exc) from exc
+    return box
+
+
+def all_reduce_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the data-parallel replicas, in place (e.g. evaluation losses); identity without them."""
+    if _data_group is not None and data_parallel_size() > 1:
+        try:
+            dist.all_reduce(tensor, group=_data_group)
+        except Exception as exc:
+            raise _failed("all_reduce(data parallel)", exc) from exc
+    return tensor
+
+
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` wrapped in torch's DistributedDataParallel over the data-parallel group (if any).
+
+    DDP averages the gradients of the replicas during backward; the tensor-parallel collectives
+    inside the model keep running on their own group meanwhile.
+    """
+    if data_parallel_size() == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, process_group=_data_group)
 
 
 # --- autograd-aware collectives (Megatron's "f" and "g") ------------------------------------------
