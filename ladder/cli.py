@@ -8,7 +8,9 @@ import sys
 
 COMMANDS = {
     "generate": ("ladder.generate_cli", "generate text under TP=N from a Ladder checkpoint"),
+    "bench": ("benchmarks.report", "benchmark Standard vs Ladder vs Parallel vs upper bound, with baselines"),
     "convert": ("conversion.cli", "convert a Hugging Face, Meta or GGUF Llama checkpoint into a Ladder checkpoint"),
+    "finetune": ("ladder.train", "fine-tune a Ladder checkpoint (full or LoRA) under TP x DP ranks"),
 }
 
 
