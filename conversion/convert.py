@@ -77,7 +77,7 @@ def open_source(path: str | Path) -> Source:
 
 def target_config(source: Source, ladder_layers: str | None) -> LadderConfig:
     """The source's config with the chosen ladder layers (None keeps the source's own schedules)."""
-    config = LadderConfig.from_dict(source.config, source=f"{source.path} ({source.format} config)")
+    config = LadderConfig.from_dict(source.config, source=str(source.config_file))
     if ladder_layers is None:
         return config
     chosen = set(parse_layer_selection(ladder_layers, config.num_hidden_layers))
@@ -98,12 +98,12 @@ def check_tensors(source: Source, config: LadderConfig) -> None:
         raise ConversionError(f"{source.path}: missing tensor(s) {_listed(missing)}")
     extra = [name for name in source.shapes if name not in expected]
     if extra:
-        raise ConversionError(f"{source.origins[extra[0]]}: tensor(s) the config does not describe: "
-                              f"{_listed(extra)}")
+        raise ConversionError(f"tensor(s) that {source.config_file.name} does not describe: "
+                              f"{_listed([source.origins[name] for name in extra])}")
     for name, shape in source.shapes.items():
         if tuple(shape) != tuple(expected[name]):
-            raise ConversionError(f"{source.origins[name]}: tensor {name} has shape {list(shape)}, "
-                                  f"the config implies {list(expected[name])}")
+            raise ConversionError(f"{source.origins[name]} has shape {list(shape)}, "
+                                  f"{source.config_file.name} implies {list(expected[name])}")
 
 
 def config_json(config: LadderConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def convert(src: str | Path, dst: str | Path, ladder_layers: str | None = None, 
             for name, tensor in tqdm(source.tensors(), total=len(source.shapes), unit="tensor",
                                      desc="converting", disable=not progress):
                 if not tensor.is_floating_point():
-                    raise ConversionError(f"{source.origins[name]}: dtype {tensor.dtype}, "
+                    raise ConversionError(f"{source.origins[name]} has dtype {tensor.dtype}, "
                                           "weights must be floating point")
                 if config.tie_word_embeddings and name == "lm_head.weight":
                     continue  # tied: the head is the embedding

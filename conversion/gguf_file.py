@@ -84,7 +84,8 @@ class GGUFSource(Source):
         self._check_quantization(path)
         config = self._config(path, arch)
         shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self.stored.items()}
-        super().__init__(path, config, shapes, {name: f"{path}: {t.name}" for name, t in self.stored.items()})
+        origins = {name: f"{path}: tensor {t.name} ({name})" for name, t in self.stored.items()}
+        super().__init__(path, path, config, shapes, origins)
 
     def _check_quantization(self, path: Path) -> None:
         """Refuse, before anything is written, a quantization type the gguf package cannot dequantize."""

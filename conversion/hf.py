@@ -62,7 +62,8 @@ class HuggingFaceSource(Source):
                         raise ConversionError(f"{path / INDEX_FILE} places tensor {name} in {file}, "
                                               "which does not hold it")
                     shapes[name] = tuple(f.get_slice(name).get_shape())
-        super().__init__(path, config, shapes, {name: f"{file}: {name}" for name, file in self.files_of.items()})
+        origins = {name: f"{file}: tensor {name}" for name, file in self.files_of.items()}
+        super().__init__(path, path / "config.json", config, shapes, origins)
 
     def _by_file(self) -> dict[Path, list[str]]:
         by_file: dict[Path, list[str]] = {}

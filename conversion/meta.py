@@ -69,15 +69,15 @@ class MetaSource(Source):
     def __init__(self, path: Path) -> None:
         params_file = path / "params.json"
         params = read_json(params_file, "Meta's model parameters")
-        self.files = sorted(path.glob("consolidated.*.pth"))
-        if not self.files:
+        self.shard_files = sorted(path.glob("consolidated.*.pth"))
+        if not self.shard_files:
             raise ConversionError(f"{path}: params.json but no consolidated.NN.pth file")
-        self.shards = [load_weights(f) for f in self.files]
+        self.shards = [load_weights(f) for f in self.shard_files]
         first_keys = set(self.shards[0]) - set(IGNORED)
-        for file, shard in zip(self.files[1:], self.shards[1:], strict=True):
+        for file, shard in zip(self.shard_files[1:], self.shards[1:], strict=True):
             if set(shard) - set(IGNORED) != first_keys:
                 diff = sorted(first_keys ^ (set(shard) - set(IGNORED)))
-                raise ConversionError(f"{file}: holds different tensors from {self.files[0].name} "
+                raise ConversionError(f"{file}: holds different tensors from {self.shard_files[0].name} "
                                       f"({', '.join(diff[:5])})")
         try:
             self.hidden, heads = int(params["dim"]), int(params["n_heads"])
@@ -88,7 +88,7 @@ class MetaSource(Source):
         self.heads, self.kv_heads = heads, kv_heads
         for needed in (EMBEDDING, "layers.0.feed_forward.w1.weight"):
             if needed not in first_keys:
-                raise ConversionError(f"{self.files[0]}: missing tensor {needed}")
+                raise ConversionError(f"{self.shard_files[0]}: missing tensor {needed}")
         self.plan = self._plan(first_keys)
         shapes = {hf: self._joined_shape(meta, dim) for hf, (meta, dim) in self.plan.items()}
         embed, gate = shapes["model.embed_tokens.weight"], shapes["model.layers.0.mlp.gate_proj.weight"]
@@ -109,8 +109,8 @@ class MetaSource(Source):
         if params.get("use_scaled_rope"):
             config["rope_scaling"] = dict(LLAMA31_ROPE_SCALING,
                                           factor=params.get("rope_scaling_factor", LLAMA31_ROPE_SCALING["factor"]))
-        origins = {hf: f"{self.files[0]}: {meta}" for hf, (meta, _) in self.plan.items()}
-        super().__init__(path, config, shapes, origins)
+        origins = {hf: f"{self.shard_files[0]}: tensor {meta} ({hf})" for hf, (meta, _) in self.plan.items()}
+        super().__init__(path, params_file, config, shapes, origins)
 
     @staticmethod
     def _context_length(params: dict[str, Any], vocab: int) -> int:
@@ -132,7 +132,7 @@ class MetaSource(Source):
                 hf, dim = LAYER_TENSORS[match[2]]
                 plan[f"model.layers.{match[1]}.{hf}"] = (meta, dim)
             else:
-                raise ConversionError(f"{self.files[0]}: tensor {meta} is not part of a Llama model")
+                raise ConversionError(f"{self.shard_files[0]}: tensor {meta} is not part of a Llama model")
         return plan
 
     def _embedding_dim(self, meta: str) -> int | None:
@@ -144,11 +144,11 @@ class MetaSource(Source):
     def _joined_shape(self, meta: str, dim: int | None) -> tuple[int, ...]:
         shape = list(self.shards[0][meta].shape)
         if dim is not None and len(self.shards) > 1:
-            for file, shard in zip(self.files, self.shards, strict=True):
+            for file, shard in zip(self.shard_files, self.shards, strict=True):
                 other = list(shard[meta].shape)
                 if len(other) != len(shape) or other[:dim] + other[dim + 1:] != shape[:dim] + shape[dim + 1:]:
                     raise ConversionError(f"{file}: tensor {meta} has shape {other}, which does not join "
-                                          f"{self.files[0].name}'s {list(self.shards[0][meta].shape)} on dim {dim}")
+                                          f"{self.shard_files[0].name}'s {list(self.shards[0][meta].shape)} on dim {dim}")
             shape[dim] = sum(shard[meta].shape[dim] for shard in self.shards)
         return tuple(shape)
 

@@ -24,12 +24,13 @@ class Source(ABC):
 
     format: str = ""
 
-    def __init__(self, path: Path, config: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+    def __init__(self, path: Path, config_file: Path, config: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                  origins: dict[str, str]) -> None:
         self.path = path
+        self.config_file = config_file  # where `config` was read from, for error messages
         self.config = config
         self.shapes = shapes    # Hugging Face name -> full shape, in the order tensors() yields them
-        self.origins = origins  # Hugging Face name -> "file: stored name", for error messages
+        self.origins = origins  # Hugging Face name -> "FILE: tensor STORED_NAME", for error messages
 
     @abstractmethod
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

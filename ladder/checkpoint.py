@@ -50,7 +50,7 @@ def weight_map(path: str | Path) -> dict[str, Path]:
         with safe_open(single, "pt") as f:
             return dict.fromkeys(f.keys(), single)
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{single}: not a readable safetensors file ({exc})") from None
+        raise CheckpointError(f"{single}: corrupt or truncated safetensors file ({exc})") from None
 
 
 def full_shapes(config: LadderConfig) -> dict[str, torch.Size]:

@@ -1,0 +1,424 @@
+"""Conversion of Hugging Face, Meta original and GGUF checkpoints into Ladder checkpoints.
+
+The reference for each format is independent of our readers: transformers' own model for HF and
+Meta sources (the Meta files are written from it), and transformers loading the very same GGUF file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conversion_sources import (
+    CHATML,
+    random_llama,
+    write_gguf,
+    write_hf,
+    write_meta,
+)
+from safetensors.torch import load_file, save_file
+
+from conversion import gguf_file
+from conversion.convert import convert, open_source
+from conversion.source import ConversionError
+from conversion.verify import verify
+from conversion.writer import CheckpointWriter, OutputExistsError
+from ladder.checkpoint import from_pretrained
+from ladder.cli import main
+from ladder.config import ConfigError, LadderConfig, Schedule
+from ladder.tokenizer import Tokenizer
+
+IDS = torch.tensor([[5, 77, 100, 3, 250, 260, 8, 9, 42, 199, 7, 31]])
+TEXTS = ["the 12 then <|im_start|>in", "Hello world, où est 2024?\n\n  tabs\tand spaces  "]
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return getattr(out, "logits", out)
+
+
+def assert_close_logits(ours: torch.Tensor, reference: torch.Tensor, tol: float = 1e-4) -> None:
+    assert reference.abs().max() > 0.5, "the reference logits are too flat to tell models apart"
+    assert (ours - reference).abs().max().item() <= tol
+
+
+def assert_nothing_written(dst: Path) -> None:
+    assert not dst.exists()
+    assert not list(dst.parent.glob(f".{dst.name}.partial-*")), "a temporary directory was left behind"
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    return random_llama()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(llama, tmp_path_factory) -> Path:
+    return write_hf(llama, tmp_path_factory.mktemp("hf") / "src")
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["untied-single-file", "tied-sharded-llama3-rope-biases", "legacy-rope-spelling"])
+def test_hf_round_trip_matches_transformers(variant, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 4, "rope_theta": 5000.0}
+    if variant == "untied-single-file":
+        model, shard = random_llama(), None
+    else:
+        model = random_llama(seed=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                             rope_parameters=scaling)
+        shard = "40KB" if variant.startswith("tied-sharded") else None
+    src = write_hf(model, tmp_path / "src", max_shard_size=shard)
+    if variant == "legacy-rope-spelling":  # top-level rope_theta + rope_scaling with the old key "type"
+        config = json.loads((src / "config.json").read_text())
+        rope = config.pop("rope_parameters")
+        config["rope_theta"] = rope.pop("rope_theta")
+        config["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in rope.items()}
+        (src / "config.json").write_text(json.dumps(config))
+    assert (src / "model.safetensors.index.json").exists() == (shard is not None)
+
+    summary = convert(src, tmp_path / "dst", ladder_layers="none")
+    dst = tmp_path / "dst"
+    assert summary.tensors == len(model.state_dict()) - model.config.tie_word_embeddings
+    assert_close_logits(logits_of(from_pretrained(dst, rank=0, world=1)), logits_of(model))
+    written = json.loads((dst / "config.json").read_text())
+    assert written["model_type"] == "llama" and "ladder_layers" not in written
+    # A plain Llama checkpoint: transformers loads it as it is.
+    assert_close_logits(logits_of(LlamaForCausalLM.from_pretrained(dst).eval()), logits_of(model))
+
+
+def test_ladder_layers_written_and_reconverted(hf_dir, llama, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    first, second, kept, plain = (tmp_path / n for n in ("upper", "layer0", "kept", "plain"))
+    assert convert(hf_dir, first, ladder_layers="upper-half").ladder_layers == [1, 2]
+    config = json.loads((first / "config.json").read_text())
+    assert config["model_type"] == "llamaLadder" and config["ladder_layers"] == [1, 2]
+    model = from_pretrained(first, rank=0, world=1)
+    assert model.config.schedules == [Schedule.STANDARD, Schedule.LADDER, Schedule.LADDER]
+    ladder_logits = logits_of(model)
+    assert (ladder_logits - logits_of(llama)).abs().max() > 1e-2, "a ladder model is a different function"
+    standard = [Schedule.STANDARD] * 3
+    assert_close_logits(logits_of(from_pretrained(first, rank=0, world=1, schedules=standard)), logits_of(llama))
+
+    # A Ladder checkpoint converts again: new layers, same weights; no flag keeps its layers.
+    assert convert(first, second, ladder_layers="0").ladder_layers == [0]
+    assert convert(first, kept).ladder_layers == [1, 2]
+    assert torch.equal(logits_of(from_pretrained(kept, rank=0, world=1)), ladder_logits)
+    for a, b in ((first, second), (first, kept)):
+        assert load_file(a / "model.safetensors").keys() == load_file(b / "model.safetensors").keys()
+        assert all(torch.equal(t, load_file(b / "model.safetensors")[n])
+                   for n, t in load_file(a / "model.safetensors").items())
+    convert(first, plain, ladder_layers="none")
+    assert json.loads((plain / "config.json").read_text())["model_type"] == "llama"
+    assert_close_logits(logits_of(LlamaForCausalLM.from_pretrained(plain).eval()), logits_of(llama))
+
+
+def test_reference_implementation_config_loads(hf_dir, llama, tmp_path):
+    """The reference writes model_type llamaLadder and ladder_layers as an int (the last N layers)."""
+    src = tmp_path / "reference"
+    shutil.copytree(hf_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="llamaLadder", architectures=["LlamaLadderForCausalLM"], ladder_layers=2)
+    (src / "config.json").write_text(json.dumps(config))
+    assert from_pretrained(src, rank=0, world=1).config.ladder_layers == [1, 2]
+    assert convert(src, tmp_path / "kept").ladder_layers == [1, 2]
+    assert convert(src, tmp_path / "plain", ladder_layers="none").ladder_layers == []
+    assert_close_logits(logits_of(from_pretrained(tmp_path / "plain", rank=0, world=1)), logits_of(llama))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_dtype(hf_dir, tmp_path, dtype):
+    dst = tmp_path / "dst"
+    summary = convert(hf_dir, dst, ladder_layers="all", dtype=dtype)
+    tensors = load_file(dst / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {dtype}
+    assert summary.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    result = verify(open_source(hf_dir), dst, dtype)
+    assert result.passed and result.max_abs_diff <= 1e-4
+    assert result.ladder_max_abs_diff > 1e-2 and 0 <= result.ladder_top1_agreement <= 1
+
+
+def test_cli_converts_verifies_and_reports(hf_dir, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    assert main(["convert", str(hf_dir), str(dst), "--ladder-layers", "upper-half", "--verify", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "converted Hugging Face checkpoint: 30 tensors" in out
+    assert "ladder layers: 1-2 (2 of 3)" in out and "verify OK" in out
+    assert "DST as written (ladder layers) vs SRC" in out
+    assert main(["convert", str(hf_dir), str(dst), "--quiet"]) == 2
+    assert "already exists (use --force" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_program(hf_dir, tmp_path):
+    dst = tmp_path / "dst"
+    done = subprocess.run([sys.executable, "-m", "ladder", "convert", str(hf_dir), str(dst), "--ladder-layers", "16-31"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "layer indices" in done.stderr and "outside 0..2" in done.stderr
+    assert_nothing_written(dst)
+
+
+# --- Meta original ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shards", "embedding_dim"), [(1, 0), (2, 0), (2, 1)])
+def test_meta_round_trip_matches_transformers(llama, tmp_path, shards, embedding_dim):
+    src = write_meta(llama, tmp_path / "meta", shards=shards, embedding_dim=embedding_dim)
+    convert(src, tmp_path / "dst")
+    assert_close_logits(logits_of(from_pretrained(tmp_path / "dst", rank=0, world=1)), logits_of(llama))
+
+
+class Payload:
+    """An object whose unpickling would run code: weights_only loading must refuse it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_meta_refuses_arbitrary_pickled_objects(llama, tmp_path):
+    src = write_meta(llama, tmp_path / "meta", shards=1)
+    shard = torch.load(src / "consolidated.00.pth", weights_only=True)
+    marker = tmp_path / "code-ran"
+    torch.save({**shard, "payload": Payload(marker)}, src / "consolidated.00.pth")
+    with pytest.raises(ConversionError, match=r"consolidated\.00\.pth: refusing to unpickle"):
+        convert(src, tmp_path / "dst")
+    assert not marker.exists()
+    assert_nothing_written(tmp_path / "dst")
+
+
+# --- GGUF -------------------------------------------------------------------------------------------
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.mark.parametrize("quantization", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_1, Q.Q5_0], ids=lambda q: q.name)
+def test_gguf_round_trip_matches_transformers(quantization, tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = random_llama(tie_word_embeddings=quantization == Q.Q8_0)
+    src = write_gguf(model, tmp_path / "model.gguf", quantization)
+    dst = tmp_path / "dst"
+    convert(src, dst)
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32).eval()
+    assert_close_logits(logits_of(from_pretrained(dst, rank=0, world=1)), logits_of(reference))
+    if quantization == Q.F32:  # the reader un-permutes q/k exactly: the original model comes back
+        assert_close_logits(logits_of(from_pretrained(dst, rank=0, world=1)), logits_of(model), tol=1e-5)
+        ref_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+        tokenizer = Tokenizer(dst)
+        for text in TEXTS:
+            assert tokenizer.encode(text, add_special_tokens=True) == ref_tokenizer(text).input_ids
+            assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False) == text
+        messages = [{"role": "user", "content": "hi"}]
+        assert tokenizer.apply_chat_template(messages) == ref_tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+        assert tokenizer.chat_template == CHATML
+        assert tokenizer.token_id("eos_token") == 2 and tokenizer.token_id("bos_token") == 1
+        assert json.loads((dst / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def dequantizable_types() -> list[gguf.GGMLQuantizationType]:
+    """Every type the installed gguf package can dequantize."""
+    kinds = []
+    for kind in Q:
+        try:
+            gguf.quants.dequantize(np.zeros((1, gguf.constants.GGML_QUANT_SIZES[kind][1]), np.uint8), kind)
+            kinds.append(kind)
+        except NotImplementedError:
+            pass
+    return kinds
+
+
+@pytest.mark.parametrize("kind", dequantizable_types(), ids=lambda q: q.name)
+def test_gguf_dequantizes_every_supported_type_block_by_block(kind, monkeypatch):
+    size = gguf.constants.GGML_QUANT_SIZES[kind][1]
+    # Random blocks whose fp16 scale fields are all finite (bit 6 of each high byte cleared).
+    raw = np.random.default_rng(0).integers(0, 256, (7, 2 * size), dtype=np.uint8) & 0xBF
+    whole = gguf.quants.dequantize(raw, kind)
+    monkeypatch.setattr(gguf_file, "DEQUANTIZE_ROWS", 3)
+    ours = gguf_file.dequantize(raw, kind, whole.shape)
+    assert ours.dtype == torch.float32 and torch.equal(ours, torch.from_numpy(whole.astype(np.float32)))
+
+
+def test_gguf_smollm_pre_tokenizer_splits_digits_like_llama_cpp(llama, tmp_path):
+    """llama.cpp's "smollm" pre-tokenizer isolates each digit (regex \\p{N}) before GPT-2's regex."""
+    ids = {}
+    for pre in ("gpt2", "smollm"):
+        write_gguf(llama, tmp_path / f"{pre}.gguf", pre=pre)
+        convert(tmp_path / f"{pre}.gguf", tmp_path / pre)
+        tokenizer = Tokenizer(tmp_path / pre)
+        ids[pre] = [tokenizer.inner.id_to_token(i) for i in tokenizer.encode("x 12")]
+    assert ids == {"gpt2": ["x", "Ġ", "12"], "smollm": ["x", "Ġ", "1", "2"]}
+
+
+# --- bad input: a clear error, and nothing left at DST ------------------------------------------------
+
+
+def rewrite_weights(src: Path, change) -> None:
+    tensors = load_file(src / "model.safetensors")
+    change(tensors)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def rewrite_config(src: Path, **fields) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config.update(fields)
+    (src / "config.json").write_text(json.dumps(config))
+
+
+BAD_HF = {
+    "missing tensor": (lambda src: rewrite_weights(src, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+                       ConversionError, r"missing tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight"),
+    "extra tensor": (lambda src: rewrite_weights(src, lambda t: t.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2)})),
+                     ConversionError, r"tensor\(s\) that config\.json does not describe: "
+                                      r"\S+/model\.safetensors: tensor model\.layers\.9\.mlp\.up_proj\.weight"),
+    "shape disagrees with config": (lambda src: rewrite_config(src, intermediate_size=64), ConversionError,
+                                    r"model\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape "
+                                    r"\[\d+, \d+\], config\.json implies \[64, 64\]"),
+    "integer weights": (lambda src: rewrite_weights(src, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)})),
+                        ConversionError, r"model\.safetensors: tensor model\.norm\.weight has dtype torch\.int32, "
+                                         r"weights must be floating point"),
+    "truncated safetensors": (lambda src: (src / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:-1000]),
+                              ConversionError, r"model\.safetensors: corrupt or truncated safetensors file"),
+    "corrupt safetensors header": (lambda src: (src / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"),
+                                   ConversionError, r"model\.safetensors: corrupt or truncated safetensors file"),
+    "inconsistent head counts": (lambda src: rewrite_config(src, num_key_value_heads=3), ConfigError,
+                                 r"src/config\.json: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    "not a llama": (lambda src: rewrite_config(src, model_type="gpt2"), ConversionError,
+                    r"config\.json: model_type 'gpt2' is not a Llama model"),
+    "unknown ladder layers": (lambda src: rewrite_config(src, ladder_layers=[0, 7]), ConfigError,
+                              r"layer indices \[7\] are outside 0\.\.2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HF))
+def test_bad_hugging_face_input(case, hf_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir, src)
+    corrupt, error, message = BAD_HF[case]
+    corrupt(src)
+    with pytest.raises(error, match=message):
+        convert(src, tmp_path / "dst")
+    assert_nothing_written(tmp_path / "dst")
+
+
+def test_index_naming_a_missing_shard(llama, tmp_path):
+    src = write_hf(llama, tmp_path / "src", max_shard_size="40KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (src / gone).unlink()
+    with pytest.raises(ConversionError, match=rf"model\.safetensors\.index\.json names shard\(s\) that do not exist: .*{gone}"):
+        convert(src, tmp_path / "dst")
+    assert_nothing_written(tmp_path / "dst")
+
+
+def test_bad_gguf_input(llama, tmp_path):
+    dst = tmp_path / "dst"
+    write_gguf(llama, tmp_path / "falcon.gguf", arch="falcon")
+    with pytest.raises(ConversionError, match=r"falcon\.gguf: GGUF architecture 'falcon' is not supported"):
+        convert(tmp_path / "falcon.gguf", dst)
+
+    block, size = gguf.constants.GGML_QUANT_SIZES[Q.Q8_1]  # a type the gguf package cannot dequantize
+    q8_1 = np.zeros((32, 64 // block * size), dtype=np.uint8)
+    write_gguf(llama, tmp_path / "q8_1.gguf", raw={"blk.1.attn_v.weight": (q8_1, Q.Q8_1)})
+    with pytest.raises(ConversionError, match=r"tensor blk\.1\.attn_v\.weight has quantization type Q8_1, "
+                                              r"which the gguf package cannot dequantize"):
+        convert(tmp_path / "q8_1.gguf", dst)
+
+    # A type id no GGUF defines: found in the tensor info table and overwritten.
+    data = bytearray((tmp_path / "q8_1.gguf").read_bytes())
+    at = data.index(b"blk.1.attn_v.weight") + len(b"blk.1.attn_v.weight") + 4 + 2 * 8
+    assert int.from_bytes(data[at:at + 4], "little") == Q.Q8_1
+    data[at:at + 4] = (250).to_bytes(4, "little")
+    (tmp_path / "unknown.gguf").write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=r"unknown\.gguf: not a readable GGUF file .*250"):
+        convert(tmp_path / "unknown.gguf", dst)
+
+    (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(ConversionError, match=r"garbage\.gguf: not a readable GGUF file"):
+        convert(tmp_path / "garbage.gguf", dst)
+
+    write_gguf(llama, tmp_path / "pre.gguf", pre="mystery-bpe")
+    with pytest.raises(ConversionError, match=r"tokenizer\.ggml\.pre 'mystery-bpe' is not a pre-tokenizer"):
+        convert(tmp_path / "pre.gguf", dst)
+    assert_nothing_written(dst)
+
+
+def test_bad_paths(hf_dir, tmp_path):
+    with pytest.raises(ConversionError, match=r"nowhere: no such file or directory"):
+        convert(tmp_path / "nowhere", tmp_path / "dst")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match=r"empty: no config\.json \(Hugging Face\), params\.json \(Meta\)"):
+        convert(tmp_path / "empty", tmp_path / "dst")
+    copy = tmp_path / "copy"
+    shutil.copytree(hf_dir, copy)
+    with pytest.raises(ConversionError, match="the destination is the source itself"):
+        convert(copy, copy, force=True)
+    assert (copy / "model.safetensors").exists()
+    assert_nothing_written(tmp_path / "dst")
+
+
+def test_existing_destination_needs_force(hf_dir, llama, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"dst already exists \(use --force to overwrite it\)"):
+        convert(hf_dir, dst)
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    convert(hf_dir, dst, force=True)
+    assert not (dst / "keep.txt").exists()
+    assert_close_logits(logits_of(from_pretrained(dst, rank=0, world=1)), logits_of(llama))
+
+
+def test_full_disk_leaves_nothing(hf_dir, tmp_path, monkeypatch):
+    def no_space(self, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CheckpointWriter, "_append", no_space)
+    with pytest.raises(ConversionError, match=r"dst: writing failed, nothing was written .*No space left on device"):
+        convert(hf_dir, tmp_path / "dst")
+    assert_nothing_written(tmp_path / "dst")
+    # With --force an existing DST survives a failed conversion untouched.
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "old.txt").write_text("old")
+    with pytest.raises(ConversionError, match="No space left on device"):
+        convert(hf_dir, tmp_path / "dst", force=True)
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["old.txt"]
+
+
+def test_full_disk_on_a_real_small_filesystem(hf_dir, tmp_path):
+    """A 64 KiB tmpfs (the small model is ~150 KiB): needs root to mount, skipped otherwise."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(ConversionError, match=r"writing failed, nothing was written .*No space left on device"):
+            convert(hf_dir, mount / "dst")
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_config_round_trips_through_ladder_config(hf_dir, tmp_path):
+    convert(hf_dir, tmp_path / "dst", ladder_layers="0,2")
+    written = json.loads((tmp_path / "dst" / "config.json").read_text())
+    config = LadderConfig.from_dict(written)
+    assert config.ladder_layers == [0, 2] and config.num_key_value_heads == 2 and config.rope_theta == 10000.0
