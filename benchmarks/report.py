@@ -1,0 +1,227 @@
+"""`ladder bench`: Standard vs Ladder vs Parallel vs upper bound, side by side, with the baselines.
+
+One launch per (shape, TP size) keeps its ranks alive while every variant of the same weights is
+measured interleaved (benchmarks/session.py). Around them, in the same run: the memory-bandwidth
+roofline, the pinning/thread alternatives at TP=2, and the slow-interconnect mode. Writes
+`results.json`, `results.md` and PNG plots to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import netns
+from benchmarks.session import SessionSpec, run_session
+from benchmarks.workload import SHAPES, ModelSource, Plan, Run, Samples
+from ladder import distributed as comm
+
+PLACEMENTS = {
+    "unpinned, 1 thread/rank (default)": comm.Placement(),
+    "pinned, 1 core/rank": comm.Placement(pin=True),
+    "unpinned, 2 threads/rank": comm.Placement(threads=2),
+}
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for JSON, markdown, PNGs")
+    parser.add_argument("--shapes", default="smollm2-135m,llama-2048x4",
+                        help=f"comma-separated, from: {', '.join(SHAPES)}")
+    parser.add_argument("--checkpoint", help="converted SmolLM2 checkpoint for the smollm2-135m shape "
+                        "(default: random weights of that shape)")
+    parser.add_argument("--tp", type=_int_list, default=[1, 2, 3, 4], help="TP sizes, e.g. 1,2,4")
+    parser.add_argument("--batches", type=_int_list, default=[1, 4, 16])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per batch size")
+    parser.add_argument("--new-tokens", type=int, default=17, help="tokens per timed generation")
+    parser.add_argument("--no-baselines", action="store_true", help="skip transformers and PyTorch TP")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown at TP=2")
+    parser.add_argument("--no-placements", action="store_true", help="skip the pinning/threads comparison")
+    parser.add_argument("--slow-link-rate", default="100mbit",
+                        help="tc rate of the veth link between the two namespaces; 'off' skips the mode")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, TP 1 and 2, a few tokens: checks the machinery in seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.render import write_markdown, write_plots
+
+    if args.quick:
+        shapes, tps, plan = ["tiny"], [t for t in args.tp if t <= 2], Plan.quick()
+    else:
+        shapes = [s for s in args.shapes.split(",") if s]
+        tps, plan = args.tp, Plan(batches=tuple(args.batches), repeats=args.repeats, new_tokens=args.new_tokens)
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    report: dict[str, Any] = {"machine": machine(), "load_before": os.getloadavg(),
+                              "plan": dataclasses.asdict(plan), "command": vars(args) | {"out": str(args.out)}}
+    report["bandwidth_gb_s"] = measure_bandwidth(quick=args.quick)
+    print(f"matrix-vector bandwidth (GB/s by threads): {report['bandwidth_gb_s']}", flush=True)
+
+    report["sessions"] = []
+    for shape in shapes:
+        source = ModelSource(shape, args.checkpoint if shape == "smollm2-135m" else None)
+        heads = source.config().num_attention_heads
+        for tp in tps:
+            if tp > heads:
+                print(f"{shape}: TP={tp} skipped (only {heads} heads)")
+                continue
+            print(f"--- {shape} TP={tp} ---", flush=True)
+            spec = SessionSpec(source, plan, baselines=not args.no_baselines,
+                               profile=tp == 2 and not args.no_profile)
+            ranks = comm.launch(run_session, tp, spec, timeout_s=600)
+            report["sessions"].append(summarize(shape, source, ranks, report["bandwidth_gb_s"]))
+
+    placement_shape = shapes[0]
+    report["placements"] = []
+    if not args.no_placements and 2 in tps:
+        short = dataclasses.replace(plan, batches=(1,), prefill_repeats=0)
+        spec = SessionSpec(ModelSource(placement_shape, args.checkpoint if placement_shape == "smollm2-135m" else None),
+                           short, schedules=("standard", "ladder", "upper-bound"), baselines=False)
+        for label, placement in PLACEMENTS.items():
+            print(f"--- placement: {label} ---", flush=True)
+            ranks = comm.launch(run_session, 2, spec, placement=placement, timeout_s=600)
+            summary = summarize(placement_shape, spec.source, ranks, report["bandwidth_gb_s"])
+            report["placements"].append({"placement": label} | summary)
+
+    report["slow_link"] = slow_link(args, placement_shape, plan) if 2 in tps else {"skipped": "TP=2 not requested"}
+    report["load_after"] = os.getloadavg()
+    report["wall_seconds"] = time.time() - started
+    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / "results.md")
+    plots = write_plots(report, args.out)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {', '.join(str(p) for p in plots)} "
+          f"in {report['wall_seconds']:.0f} s")
+    return 0
+
+
+def slow_link(args: argparse.Namespace, shape: str, plan: Plan) -> dict[str, Any]:
+    """TP=2 with one rank per network namespace, first over the bare veth pair, then rate-limited."""
+    if args.slow_link_rate == "off":
+        return {"skipped": "--slow-link-rate off"}
+    reason = netns.availability()
+    if reason:
+        print(f"slow-interconnect mode skipped: {reason}")
+        return {"skipped": reason}
+    link_plan = dataclasses.replace(plan, batches=tuple(b for b in plan.batches if b <= 4), prefill_repeats=0)
+    source = ModelSource(shape, args.checkpoint if shape == "smollm2-135m" else None)
+    spec = SessionSpec(source, link_plan, baselines=False)
+    runs = []
+    for rate in (None, args.slow_link_rate):
+        link = netns.SlowLink(rate=rate)
+        print(f"--- slow link: {link.describe()['rate']} ---", flush=True)
+        with link:
+            ranks = link.run_session(spec)
+        runs.append({"link": link.describe()} | summarize(shape, source, ranks, {}))
+    return {"runs": runs}
+
+
+# --- measurements made in this process --------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "torch": torch.__version__, "kernel": platform.release(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def measure_bandwidth(quick: bool = False) -> dict[int, float]:
+    """fp32 matrix-vector streaming bandwidth (GB/s, median) for 1..cores threads.
+
+    The matrix (256 MB) is larger than the last-level cache, so every product streams it from memory,
+    exactly like a batch-1 decode step streams the weights.
+    """
+    rows = 1024 if quick else 16384
+    matrix, vector = torch.randn(rows, 4096), torch.randn(4096)
+    before = torch.get_num_threads()
+    result = {}
+    for threads in range(1, len(os.sched_getaffinity(0)) + 1):
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(3 if quick else 15):
+            started = time.perf_counter()
+            torch.mv(matrix, vector)
+            times.append(time.perf_counter() - started)
+        result[threads] = round(matrix.numel() * 4 / statistics.median(times[1:]) / 1e9, 2)
+    torch.set_num_threads(before)
+    return result
+
+
+# --- summaries ----------------------------------------------------------------------------------
+
+
+def _median_ms(values: list[float]) -> float:
+    return round(1e3 * statistics.median(values), 3) if values else float("nan")
+
+
+def summarize(shape: str, source: ModelSource, ranks: list[dict[str, Any]],
+              bandwidth: dict[int, float]) -> dict[str, Any]:
+    """Medians per variant (rank 0's clock; the ranks ran in lockstep), ratios, efficiency, roofline."""
+    lead = ranks[0]
+    world = lead["world"]
+    cores = len(os.sched_getaffinity(0))
+    threads_total = sum(r["threads"] for r in ranks)
+    samples: dict[str, Samples] = lead["samples"]
+    variants: dict[str, Any] = {}
+    for name, sample in samples.items():
+        variants[name] = {
+            "decode_ms": {b: _median_ms([r.decode_s_per_token for r in runs]) for b, runs in sample.decode.items()},
+            "decode_ms_runs": {b: [round(1e3 * r.decode_s_per_token, 3) for r in runs]
+                               for b, runs in sample.decode.items()},
+            "e2e_tokens_per_s": {b: round(statistics.median(b * (1 + len(r.steps_s)) / r.total_s for r in runs), 2)
+                                 for b, runs in sample.decode.items()},
+            "prefill_ms": _median_ms([r.prefill_s for r in sample.prefill]),
+            "blocked_ms_per_token": {b: [_median_ms(_blocked(rank["samples"][name].decode[b])) for rank in ranks]
+                                     for b in sample.decode},
+        }
+    standard = variants.get("standard")
+    speedup = {name: {b: round(standard["decode_ms"][b] / v["decode_ms"][b], 3) for b in v["decode_ms"]}
+               for name, v in variants.items()} if standard else {}
+    summary: dict[str, Any] = {
+        "shape": shape, "checkpoint": source.checkpoint, "tp": world,
+        "oversubscribed": threads_total > cores, "threads_per_rank": [r["threads"] for r in ranks],
+        "cores_per_rank": [r["cores"] for r in ranks],
+        "peak_rss_mb": [round(r["peak_rss_bytes"] / 2**20) for r in ranks],
+        "streamed_mb_per_rank": [round(r["streamed_bytes"] / 2**20, 1) for r in ranks],
+        "variants": variants, "speedup_vs_standard": speedup,
+        "overlap_efficiency": overlap_efficiency(variants) if world > 1 else {},
+        "unavailable": lead["unavailable"], "profile": [r["profile"] for r in ranks if r["profile"]],
+    }
+    if bandwidth:
+        usable = bandwidth[min(threads_total, max(bandwidth))]
+        roofline = usable * 1e9 / sum(r["streamed_bytes"] for r in ranks)
+        summary["roofline_tokens_per_s"] = round(roofline, 2)
+        summary["roofline_fraction_batch1"] = {name: round(1e3 / v["decode_ms"][1] / roofline, 3)
+                                               for name, v in variants.items() if 1 in v["decode_ms"]}
+    return summary
+
+
+def _blocked(runs: list[Run]) -> list[float]:
+    return [r.blocked_s_per_token for r in runs]
+
+
+def overlap_efficiency(variants: dict[str, Any]) -> dict[int, float | None]:
+    """(T_standard - T_ladder) / (T_standard - T_upper_bound) per batch: the share of the exposed
+    communication that the ladder hides (DESIGN.md section 5). None when there is nothing to hide."""
+    needed = ("standard", "ladder", "upper-bound")
+    if not all(n in variants for n in needed):
+        return {}
+    std, lad, ub = (variants[n]["decode_ms"] for n in needed)
+    return {b: round((std[b] - lad[b]) / (std[b] - ub[b]), 3) if std[b] - ub[b] > 0 else None for b in std}

@@ -1,0 +1,218 @@
+"""What the benchmarks run: model shapes, the schedule variants of one set of weights, timed generation.
+
+Every variant is timed through its real generation loop (`ladder.generate` or transformers'
+`generate`), with a timestamp after each new token, so prefill, every decode step and the time
+blocked on all-reduces come from the same runs. Variants are measured interleaved (A B C D A B C D)
+after a warm-up, and summarised by medians, because this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ladder import distributed as comm
+from ladder.checkpoint import from_pretrained, load_config
+from ladder.config import LadderConfig, Schedule
+from ladder.generate import generate
+from ladder.model import LadderForCausalLM, random_full_state_dict
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M (DESIGN.md section 4): used with random weights when no checkpoint is given.
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=1e5,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192),
+    # TinyLlama-1.1B's layer shape, 4 layers: 4x fewer all-reduces per byte of weights than SmolLM2.
+    "llama-2048x4": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
+                         num_attention_heads=32, num_key_value_heads=4, head_dim=64, rope_theta=1e4,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=4096),
+    # For the smoke test only: runs in milliseconds.
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True,
+                 max_position_embeddings=1024),
+}
+
+SCHEDULES = (Schedule.STANDARD, Schedule.LADDER, Schedule.PARALLEL, Schedule.UPPER_BOUND)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A named shape with random weights, or a converted checkpoint directory (then `shape` is its name)."""
+
+    shape: str
+    checkpoint: str | None = None
+
+    def config(self) -> LadderConfig:
+        if self.checkpoint:
+            return load_config(self.checkpoint)
+        return LadderConfig(**SHAPES[self.shape])
+
+    def load(self, rank: int, world: int) -> LadderForCausalLM:
+        """This rank's shard, every layer standard (the variants reuse its tensors)."""
+        if self.checkpoint:
+            config = self.config()
+            return from_pretrained(self.checkpoint, rank, world,
+                                   schedules=[Schedule.STANDARD] * config.num_hidden_layers)
+        model = LadderForCausalLM(self.config(), rank, world)
+        model.load_full_state_dict(random_full_state_dict(model.config))
+        return model.eval()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights in Hugging Face naming (for the external baselines)."""
+        return self.load(0, 1).state_dict()
+
+
+def schedule_variants(base: LadderForCausalLM, schedules: tuple[Schedule, ...] = SCHEDULES
+                      ) -> dict[str, LadderForCausalLM]:
+    """One model per schedule, every one holding `base`'s very tensors (no copies)."""
+    weights = base.state_dict()
+    layers = base.config.num_hidden_layers
+    variants = {}
+    for schedule in schedules:
+        with torch.device("meta"):
+            model = LadderForCausalLM(base.config.with_schedules([schedule] * layers),
+                                      base.plan.rank, base.plan.world)
+        model.load_state_dict(weights, assign=True)
+        if base.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        variants[schedule.value] = model.eval()
+    return variants
+
+
+def streamed_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except an embedding table that
+    is not also the LM head (a step reads only one row of it)."""
+    sizes = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    if not model.config.tie_word_embeddings:
+        sizes.pop(model.model.embed_tokens.weight.data_ptr())
+    return sum(sizes.values())
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    """Generates `new_tokens` greedily for a batch of prompts, calling `on_token` after each token."""
+
+    def __call__(self, prompts: list[list[int]], new_tokens: int, on_token: Callable[[], None]) -> None: ...
+
+
+def ladder_runner(model: LadderForCausalLM) -> Runner:
+    def run(prompts: list[list[int]], new_tokens: int, on_token: Callable[[], None]) -> None:
+        generate(model, prompts, max_new_tokens=new_tokens, on_tokens=lambda _: on_token())
+    return run
+
+
+@dataclass
+class Run:
+    """One generation: time to the first token, each decode step, and the time blocked on all-reduces."""
+
+    prefill_s: float
+    steps_s: list[float]
+    prefill_blocked_s: float
+    steps_blocked_s: list[float]
+
+    @property
+    def decode_s_per_token(self) -> float:
+        return statistics.fmean(self.steps_s) if self.steps_s else float("nan")
+
+    @property
+    def blocked_s_per_token(self) -> float:
+        return statistics.fmean(self.steps_blocked_s) if self.steps_blocked_s else float("nan")
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + sum(self.steps_s)
+
+
+def timed_run(runner: Runner, prompts: list[list[int]], new_tokens: int) -> Run:
+    """Run once with a timestamp and a reading of the wait clock after every new token."""
+    marks: list[tuple[float, float]] = []
+
+    def on_token() -> None:
+        marks.append((time.perf_counter(), comm.WaitClock.seconds))
+
+    comm.WaitClock.start()
+    started = time.perf_counter()
+    try:
+        runner(prompts, new_tokens, on_token)
+    finally:
+        comm.WaitClock.stop()
+    if len(marks) != new_tokens:
+        raise RuntimeError(f"expected {new_tokens} tokens, the runner reported {len(marks)}")
+    times = [started] + [t for t, _ in marks]
+    blocked = [0.0] + [b for _, b in marks]
+    return Run(prefill_s=times[1] - times[0],
+               steps_s=[b - a for a, b in itertools.pairwise(times[1:])],
+               prefill_blocked_s=blocked[1],
+               steps_blocked_s=[b - a for a, b in itertools.pairwise(blocked[1:])])
+
+
+def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random prompts, identical for every variant and rank (rank 0's are broadcast anyway)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, length), generator=generator).tolist()
+
+
+@dataclass
+class Plan:
+    """How much to measure; the defaults are the report's, `quick()` is the smoke test's."""
+
+    batches: tuple[int, ...] = (1, 4, 16)
+    repeats: int = 5
+    prompt_tokens: int = 32
+    new_tokens: int = 17
+    prefill_tokens: int = 512
+    prefill_repeats: int = 3
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(batches=(1, 2), repeats=2, prompt_tokens=8, new_tokens=4, prefill_tokens=32, prefill_repeats=1)
+
+
+@dataclass
+class Samples:
+    """Every run of one variant, per batch size, plus its prefill runs."""
+
+    decode: dict[int, list[Run]] = field(default_factory=dict)
+    prefill: list[Run] = field(default_factory=list)
+
+
+def interleaved(runners: dict[str, Runner], plan: Plan, vocab: int,
+                log: Callable[[str], None] = lambda _: None) -> dict[str, Samples]:
+    """Measure every runner at every batch size, and prefill, in rounds of A B C D after a warm-up."""
+    samples = {name: Samples() for name in runners}
+    for batch in plan.batches:
+        prompts = make_prompts(batch, plan.prompt_tokens, vocab)
+        for runner in runners.values():
+            timed_run(runner, prompts, plan.new_tokens)  # warm-up
+        for _ in range(plan.repeats):
+            for name, runner in runners.items():
+                samples[name].decode.setdefault(batch, []).append(timed_run(runner, prompts, plan.new_tokens))
+        log(f"batch {batch}: " + ", ".join(
+            f"{n} {1e3 * median_decode(s.decode[batch]):.1f}" for n, s in samples.items()) + " ms/token")
+    if not plan.prefill_repeats:
+        return samples
+    prompts = make_prompts(1, plan.prefill_tokens, vocab, seed=1)
+    for runner in runners.values():
+        timed_run(runner, prompts, 1)
+    for _ in range(plan.prefill_repeats):
+        for name, runner in runners.items():
+            samples[name].prefill.append(timed_run(runner, prompts, 1))
+    return samples
+
+
+def median_decode(runs: list[Run]) -> float:
+    return statistics.median(r.decode_s_per_token for r in runs)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
