@@ -72,29 +72,29 @@ def read_shard(files: dict[str, Path], model: LadderForCausalLM, dtype: torch.dt
         raise CheckpointError(f"{files[unexpected[0]]}: tensor(s) the config does not describe: "
                               f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
     shard: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
     for name in wanted:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
+        file = files[name]
         try:
+            # One mapping per tensor, closed right after, and a private copy of the slice: safetensors
+            # hands out views of the memory-mapped file, and a column slice touches every page of its
+            # tensor, so keeping views or the mapping would leave the whole file in the rank's memory.
             with safe_open(file, "pt") as f:
-                for name in names:
-                    lazy = f.get_slice(name)
-                    shape, full_shape = tuple(lazy.get_shape()), tuple(expected_full[name])
-                    if shape != full_shape:
-                        raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, "
-                                              f"the config implies {list(full_shape)}")
-                    if lazy.get_dtype() not in FLOAT_DTYPES:
-                        raise CheckpointError(f"{file}: tensor {name} has dtype {lazy.get_dtype()}, "
-                                              "weights must be floating point")
-                    part = model.plan.slice_of(name)
-                    if part is None:
-                        tensor = lazy[:]
-                    elif part.dim == 0:
-                        tensor = lazy[part.start:part.stop]
-                    else:
-                        tensor = lazy[:, part.start:part.stop]
-                    shard[name] = tensor.to(dtype)
+                lazy = f.get_slice(name)
+                shape, full_shape = tuple(lazy.get_shape()), tuple(expected_full[name])
+                if shape != full_shape:
+                    raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, "
+                                          f"the config implies {list(full_shape)}")
+                if lazy.get_dtype() not in FLOAT_DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name} has dtype {lazy.get_dtype()}, "
+                                          "weights must be floating point")
+                part = model.plan.slice_of(name)
+                if part is None:
+                    view = lazy[:]
+                elif part.dim == 0:
+                    view = lazy[part.start:part.stop]
+                else:
+                    view = lazy[:, part.start:part.stop]
+                shard[name] = torch.empty(view.shape, dtype=dtype).copy_(view)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
     return shard
