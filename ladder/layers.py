@@ -149,9 +149,14 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def __init__(self, config: LadderConfig, plan: ShardPlan) -> None:
         super().__init__(len(plan.vocab), config.hidden_size)
-        self.first, self.world = plan.vocab.start, plan.world
+        self.first, self.world, self.vocab_size = plan.vocab.start, plan.world, config.vocab_size
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Checked here because under TP an id outside the vocabulary would silently embed as zeros.
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bool(bad.any()):
+            raise ValueError(f"token ids {ids[bad].unique()[:5].tolist()} are outside the vocabulary "
+                             f"of {self.vocab_size}")
         if self.world == 1:
             return super().forward(ids)
         local = ids - self.first

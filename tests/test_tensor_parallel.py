@@ -55,6 +55,15 @@ def _counting_reductions(run: Callable[[], Any]) -> tuple[Any, list[int]]:
         comm.reduce_from_parallel_start = original
 
 
+def _refuses_token(model: LadderForCausalLM, token: int) -> bool:
+    """Every rank must refuse an id outside the vocabulary: embedding it as zeros would go on silently."""
+    try:
+        model(torch.tensor([[1, token]]))
+    except ValueError:
+        return True
+    return False
+
+
 def run_cases(cases: dict[str, tuple[LadderConfig, dict[str, torch.Tensor]]]) -> dict[str, dict[str, Any]]:
     """Logits (full forward and prefill+decode), greedy and sampled tokens of each case on this rank."""
     results = {}
@@ -68,6 +77,7 @@ def run_cases(cases: dict[str, tuple[LadderConfig, dict[str, torch.Tensor]]]) ->
             steps = [model(ids[:, :8], slot=0)] + [model(ids[:, t:t + 1], slot=t) for t in range(8, 12)]
             model.clear_cache()
             results[name] = {
+                "rejects_bad_ids": _refuses_token(model, config.vocab_size),
                 "local_vocab": logits.shape[-1],
                 "logits": model.gather_vocab(logits),
                 "decode_logits": model.gather_vocab(torch.cat(steps, dim=1)),
@@ -127,6 +137,7 @@ def test_tp_matches_tp1(world: int, case: str, runs: Callable) -> None:
         assert got["greedy"] == reference["greedy"], f"rank {rank}"
         assert got["sampled"] == reference["sampled"], f"rank {rank}"
         assert got["waits"] and all(n == 1 for n in got["waits"]), f"rank {rank}: waits {got['waits']}"
+        assert got["rejects_bad_ids"], f"rank {rank} accepted a token id outside the vocabulary"
     assert reference["sampled"] != reference["greedy"]  # sampling did something, so agreement means something
 
 
