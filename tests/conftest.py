@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import torch
 
 from ladder import LadderConfig, Schedule
-
-# One compute thread: on this shared 2-core machine a second one mostly spins (tiny SDPA calls were
-# 7x slower with two), and launched ranks set their own thread counts anyway.
-torch.set_num_threads(1)
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -78,3 +74,13 @@ def make_smollm2_layout_config() -> Callable[..., LadderConfig]:
 @pytest.fixture(scope="session")
 def hf_llama() -> Callable[..., torch.nn.Module]:
     return hf_llama_model
+
+
+@pytest.fixture(scope="module")
+def one_compute_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread: a second mostly spins (tiny SDPA calls were 7x slower
+    with two on the shared 2-core machine). Launched ranks set their own thread counts anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,6 +29,8 @@ from ladder import (
 from ladder import distributed as comm
 from ladder import model as model_module
 
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
 TIMEOUT_S = 4.0
 NOTICE_MARGIN_S = 2.0  # scheduling slack on a loaded 2-core machine, on top of the timeout
 STARTUP_ALLOWANCE_S = 60.0  # spawning ranks that import torch, on that same machine

@@ -18,6 +18,8 @@ from ladder import (
 )
 from ladder.generate import choose_next
 
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
 S, L, P = Schedule.STANDARD, Schedule.LADDER, Schedule.PARALLEL
 SCHEDULES = {"standard": [S] * 4, "ladder": [L] * 4, "hybrid": [S, S, L, L], "parallel": [P] * 4}
 ATOL = 1e-4

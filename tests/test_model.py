@@ -16,6 +16,8 @@ import torch
 from ladder import LadderConfig, LadderForCausalLM, Schedule, random_full_state_dict
 from ladder import distributed as comm
 
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
 S, L, P = Schedule.STANDARD, Schedule.LADDER, Schedule.PARALLEL
 WEIGHT_STD = 0.2  # large enough for peaked distributions and for rope scaling to move the logits
 ATOL = 1e-4

@@ -23,6 +23,8 @@ from ladder import (
 )
 from ladder import distributed as comm
 
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
 S, L, P, U = Schedule.STANDARD, Schedule.LADDER, Schedule.PARALLEL, Schedule.UPPER_BOUND
 # Every schedule but upper-bound at every TP size; the extra interleaving and the upper bound at TP=2.
 TINY_SCHEDULES = {"standard": [S] * 4, "ladder": [L] * 4, "parallel": [P] * 4, "hybrid": [S, S, L, L]}
