@@ -611,12 +611,18 @@ def train_on_rank(run: RunPlan) -> dict[str, Any]:
 
 def check_checkpoint(path: Path) -> LadderConfig:
     """The checkpoint's config, or a clear error if `path` is not a Ladder (Hugging Face Llama) checkpoint."""
-    try:
-        config = load_config(path)
-        weight_map(path)
-    except (ConfigError, CheckpointError) as exc:
+    problem = None
+    if not path.is_dir():
+        problem = "no such directory" if not path.exists() else "a file, not a checkpoint directory"
+    else:
+        try:
+            config = load_config(path)
+            weight_map(path)
+        except (ConfigError, CheckpointError) as exc:
+            problem = str(exc)
+    if problem:
         raise FinetuneError(f"{path} is not a Ladder checkpoint (a directory with config.json and safetensors "
-                            f"weights; convert other formats with `ladder convert`): {exc}") from None
+                            f"weights; convert other formats with `ladder convert`): {problem}")
     if not (path / "tokenizer.json").exists():
         raise FinetuneError(f"{path}: no tokenizer.json, which fine-tuning needs to tokenize the data")
     return config
@@ -633,10 +639,24 @@ def separator_token(tokenizer: Tokenizer, config: LadderConfig, path: Path) -> i
 
 
 def load_data(settings: Settings, config: LadderConfig) -> TokenSplit:
+    """The data files tokenized with the checkpoint's tokenizer and split into training and validation."""
     tokenizer = Tokenizer(settings.checkpoint)
-    documents = read_documents(settings.data, settings.text_field)
-    stream = token_stream(documents, tokenizer.encode, separator_token(tokenizer, config, settings.checkpoint))
-    return split_stream(stream, settings.seq_len, settings.val_fraction, ", ".join(map(str, settings.data)))
+    try:
+        documents = read_documents(settings.data, settings.text_field)
+        stream = token_stream(documents, tokenizer.encode, separator_token(tokenizer, config, settings.checkpoint))
+        return split_stream(stream, settings.seq_len, settings.val_fraction, ", ".join(map(str, settings.data)))
+    except DataError as exc:
+        raise FinetuneError(str(exc)) from None
+
+
+def validation_loss(settings: Settings) -> float:
+    """The mean token loss of `settings.checkpoint` (under `settings.ladder_layers` if given) on the
+    validation split that fine-tuning with these settings holds out; one rank, no training."""
+    config = check_checkpoint(settings.checkpoint)
+    data = load_data(settings, config)
+    model = from_pretrained(settings.checkpoint, rank=0, world=1, schedules=schedules_for(config, settings.ladder_layers))
+    sequences = PackedSequences(data.val, settings.seq_len, keep_tail=True)
+    return evaluate(model, sequences, settings.batch_size, settings.dtype == "bfloat16")
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -655,10 +675,7 @@ def prepare(settings: Settings) -> RunPlan:
         raise FinetuneError(str(exc)) from None
     if settings.only_ladder_layers and not trained_config.ladder_layers:
         raise FinetuneError("--only-ladder-layers: the model has no ladder layers (choose some with --ladder-layers)")
-    try:
-        data = load_data(settings, config)
-    except DataError as exc:
-        raise FinetuneError(str(exc)) from None
+    data = load_data(settings, config)
     if settings.out.exists() and not settings.force:
         raise FinetuneError(f"{settings.out} already exists; choose another --out or pass --force to replace it")
     run_dir, identity = settings.run_dir, json.loads(json.dumps(settings.identity(), default=str))
