@@ -148,7 +148,10 @@ class VocabParallelEmbedding(nn.Embedding):
     """Rows `plan.vocab` of the embedding; ids outside them contribute zeros to the all-reduce."""
 
     def __init__(self, config: LadderConfig, plan: ShardPlan) -> None:
-        super().__init__(len(plan.vocab), config.hidden_size)
+        weight = torch.empty(len(plan.vocab), config.hidden_size)
+        if not weight.is_meta:  # random init on the meta device costs seconds (it imports torch._dynamo)
+            nn.init.normal_(weight)
+        super().__init__(len(plan.vocab), config.hidden_size, _weight=weight)
         self.first, self.world, self.vocab_size = plan.vocab.start, plan.world, config.vocab_size
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
