@@ -1,7 +1,8 @@
 """A `tokenizer.json` and `tokenizer_config.json` rebuilt from a GGUF file's tokenizer metadata.
 
-llama.cpp stores a byte-level BPE tokenizer (`tokenizer.ggml.model` = "gpt2") as its vocabulary,
-merges, token types and special token ids, and names the pre-tokenizer (`tokenizer.ggml.pre`) whose
+llama.cpp stores either a byte-level BPE tokenizer (`tokenizer.ggml.model` = "gpt2": vocabulary,
+merges, token types, special token ids) or a SentencePiece one ("llama": pieces with scores and
+byte-fallback tokens). For byte-level BPE it also names the pre-tokenizer (`tokenizer.ggml.pre`) whose
 regular expressions split text before the merges apply. Each name maps here to the `tokenizers`
 pre-tokenizer that splits text the same way as llama.cpp's regexes for it:
 - "gpt2" and kin: GPT-2's regex.
@@ -64,16 +65,8 @@ def pre_tokenizer(name: str, source: str) -> pre_tokenizers.PreTokenizer:
                           f"(known: {known})")
 
 
-def build_tokenizer(meta: dict[str, Any], source: str) -> dict[str, str]:
-    """`tokenizer.json` and `tokenizer_config.json` contents from the `tokenizer.*` metadata of a GGUF file."""
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ConversionError(f"{source}: tokenizer.ggml.model {model!r} is not supported "
-                              "(only byte-level BPE, 'gpt2'); convert the Hugging Face checkpoint instead")
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise ConversionError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
+def byte_level_bpe(meta: dict[str, Any], tokens: list[str], types: list[int], source: str) -> Tokenizer:
+    """llama.cpp's "gpt2" model: byte-level BPE with the file's merges and named pre-tokenizer."""
     spelling = byte_alphabet()
     alphabet = set(spelling.values())
     # A vocabulary entry outside the byte alphabet (a mislabelled raw string) is respelled byte by byte.
@@ -86,13 +79,60 @@ def build_tokenizer(meta: dict[str, Any], source: str) -> dict[str, str]:
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, kind in zip(tokens, types, strict=True)
                                   if kind == CONTROL and set(t) <= alphabet])
+    return tokenizer
+
+
+def sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], types: list[int], source: str) -> Tokenizer:
+    """llama.cpp's "llama" model (Llama 1/2 SentencePiece): pieces merge best score first, bytes fall back.
+
+    The merges are the pairs of pieces that form another piece, ranked by that piece's score, which
+    is how SentencePiece's BPE picks what to merge.
+    """
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ConversionError(f"{source}: a SentencePiece vocabulary needs one tokenizer.ggml.scores entry per token")
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores, strict=True):
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        merges += [(left, right, score) for left, right in sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[(left, right) for left, right, _ in merges],
+                              fuse_unk=True, byte_fallback=True))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
+                                                       split=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           *([decoders.Strip(" ", 1, 0)] if prefix else [])])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, types, strict=True) if kind == CONTROL])
+    return tokenizer
+
+
+MODELS = {"gpt2": byte_level_bpe, "llama": sentencepiece_bpe}
+ADD_BOS_BY_DEFAULT = {"llama"}  # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+
+
+def build_tokenizer(meta: dict[str, Any], source: str) -> dict[str, str]:
+    """`tokenizer.json` and `tokenizer_config.json` contents from the `tokenizer.*` metadata of a GGUF file."""
+    model = meta.get("tokenizer.ggml.model")
+    if model not in MODELS:
+        raise ConversionError(f"{source}: tokenizer.ggml.model {model!r} is not supported (supported: "
+                              f"{', '.join(MODELS)}); convert the Hugging Face checkpoint instead")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens):
+        raise ConversionError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
+    tokenizer = MODELS[model](meta, tokens, types, source)
+    vocab = tokenizer.get_vocab()
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t, kind in zip(tokens, types, strict=True) if kind == USER_DEFINED and t in vocab])
 
     ids = {key: meta[f"tokenizer.ggml.{field}"] for key, field in SPECIAL_TOKEN_KEYS.items()
            if f"tokenizer.ggml.{field}" in meta}
     special = {key: tokens[index] for key, index in ids.items()}
-    add_bos, add_eos = bool(meta.get("tokenizer.ggml.add_bos_token")), bool(meta.get("tokenizer.ggml.add_eos_token"))
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model in ADD_BOS_BY_DEFAULT))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token"))
     bos = ["bos_token"] if add_bos and "bos_token" in ids else []
     eos = ["eos_token"] if add_eos and "eos_token" in ids else []
     tokenizer.post_processor = processors.TemplateProcessing(

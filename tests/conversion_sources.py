@@ -29,6 +29,12 @@ def byte_level_vocabulary() -> list[str]:
 
 
 VOCAB_SIZE = len(byte_level_vocabulary())
+# A Llama 1/2 style SentencePiece vocabulary: specials, byte-fallback tokens, pieces by falling score.
+PIECES = ["▁", "t", "h", "e", "a", "n", "i", "o", "w", "r", "l", "d", "▁t", "he", "▁the", "▁a", "an", "in",
+          "▁w", "or", "ld", "▁wor", "▁world", "nd", "▁and"]
+SENTENCEPIECE_TOKENS = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *PIECES]
+SENTENCEPIECE_TYPES = [2, 3, 3, *[6] * 256, *[1] * len(PIECES)]  # unknown, control, byte, normal
+SENTENCEPIECE_SCORES = [0.0] * (3 + 256) + [-float(i) for i in range(len(PIECES))]
 
 
 def random_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
@@ -132,10 +138,11 @@ def gguf_tensor_name(name: str) -> str:
 
 
 def write_gguf(model: LlamaForCausalLM, path: Path, quantization: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-               arch: str = "llama", pre: str = "gpt2",
+               arch: str = "llama", pre: str = "gpt2", sentencepiece: bool = False,
                raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None) -> Path:
-    """A llama.cpp-style GGUF: metadata, a byte-level BPE tokenizer, 2-D weights in `quantization`, norms F32.
+    """A llama.cpp-style GGUF: metadata, a tokenizer, 2-D weights in `quantization`, norms F32.
 
+    The tokenizer is byte-level BPE (with pre-tokenizer `pre`), or SentencePiece with `sentencepiece`.
     `raw` stores the named GGUF tensors as the given bytes of the given type instead.
     """
     cfg = model.config
@@ -149,16 +156,23 @@ def write_gguf(model: LlamaForCausalLM, path: Path, quantization: gguf.GGMLQuant
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    tokens = byte_level_vocabulary()
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in CONTROL_TOKENS else 1 for t in tokens])
-    writer.add_token_merges(MERGES)
+    if sentencepiece:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(SENTENCEPIECE_TOKENS)
+        writer.add_token_types(SENTENCEPIECE_TYPES)
+        writer.add_token_scores(SENTENCEPIECE_SCORES)
+        writer.add_unk_token_id(0)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        tokens = byte_level_vocabulary()
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t in CONTROL_TOKENS else 1 for t in tokens])
+        writer.add_token_merges(MERGES)
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(CHATML)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML)
     raw = raw or {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from conversion_sources import (
     CHATML,
+    SENTENCEPIECE_TOKENS,
     random_llama,
     write_gguf,
     write_hf,
@@ -265,6 +266,20 @@ def test_gguf_smollm_pre_tokenizer_splits_digits_like_llama_cpp(llama, tmp_path)
         tokenizer = Tokenizer(tmp_path / pre)
         ids[pre] = [tokenizer.inner.id_to_token(i) for i in tokenizer.encode("x 12")]
     assert ids == {"gpt2": ["x", "Ġ", "12"], "smollm": ["x", "Ġ", "1", "2"]}
+
+
+def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    write_gguf(random_llama(vocab_size=len(SENTENCEPIECE_TOKENS)), tmp_path / "spm.gguf", sentencepiece=True)
+    convert(tmp_path / "spm.gguf", tmp_path / "dst")
+    reference = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    tokenizer = Tokenizer(tmp_path / "dst")
+    for text in ("the world and the tin", "  the\nworld ünï 12 </s>"):
+        ids = tokenizer.encode(text, add_special_tokens=True)
+        assert ids == reference(text).input_ids and ids[0] == 1  # BOS: llama.cpp's default for SentencePiece
+        assert tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
+    assert [tokenizer.inner.id_to_token(i) for i in tokenizer.encode("the world")] == ["▁the", "▁world"]
 
 
 # --- bad input: a clear error, and nothing left at DST ------------------------------------------------
