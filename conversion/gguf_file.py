@@ -30,7 +30,7 @@ LAYER_TENSORS = {
 }
 LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 DEQUANTIZE_ROWS = 4096
-ROPE_FREQS = "rope_freqs.weight"  # per-frequency rope factors (Llama 3.1 scaling), not expressible here
+ROPE_FREQS = "rope_freqs.weight"  # per-frequency divisors of the rotary frequencies (Llama 3.1 scaling)
 
 
 def hf_name(name: str) -> str | None:
@@ -55,6 +55,36 @@ def dequantize(data: np.ndarray, kind: gguf.GGMLQuantizationType, shape: tuple[i
     return out
 
 
+def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, origin: str) -> dict[str, Any] | None:
+    """Hugging Face's "llama3" `rope_scaling` that divides the rotary frequencies by `factors`.
+
+    llama.cpp stores Llama 3.1's rescaling as one divisor per frequency: 1 for short wavelengths,
+    `factor` for long ones, and between them 1 / ((1 - s) / factor + s) with s linear in the
+    frequency, s = C / (2 pi (high - low)) * freq - low / (high - low). Fitting that line recovers the
+    parameters up to a common scale of (C, low, high), which the formula does not see; low = 1 fixes
+    it (Llama 3.1's own values come back exactly). None when every divisor is 1.
+    """
+    factor = float(factors.max())
+    if np.allclose(factors, 1.0):
+        return None
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    if len(factors) != len(freqs):
+        raise ConversionError(f"{origin}: {len(factors)} factors for {len(freqs)} rotary frequencies")
+    smooth = (1 / factors - 1 / factor) / (1 - 1 / factor)
+    band = (smooth > 1e-6) & (smooth < 1 - 1e-6)
+    if band.sum() >= 2:
+        slope, intercept = np.polyfit(freqs[band], smooth[band], 1)
+        high = 1 - 1 / intercept
+        context = -2 * np.pi * slope / intercept
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                   "high_freq_factor": round(float(high), 4), "original_max_position_embeddings": round(context)}
+        context, high = scaling["original_max_position_embeddings"], scaling["high_freq_factor"]
+        refit = np.clip((context * freqs / (2 * np.pi) - 1) / (high - 1), 0, 1)
+        if np.allclose(1 / ((1 - refit) / factor + refit), factors, rtol=1e-4):
+            return scaling
+    raise ConversionError(f"{origin} rescales rotary frequencies in a way Llama 3's rope scaling does not describe")
+
+
 class GGUFSource(Source):
     format = "GGUF"
 
@@ -72,15 +102,15 @@ class GGUFSource(Source):
             raise ConversionError(f"{path}: GGUF architecture {arch!r} is not supported "
                                   f"(supported: {', '.join(ARCHITECTURES)})")
         self.stored: dict[str, Any] = {}
+        self.rope_factors: np.ndarray | None = None
         for tensor in stored_tensors:
             name = hf_name(tensor.name)
             if name is not None:
                 self.stored[name] = tensor
-            elif tensor.name != ROPE_FREQS:
+            elif tensor.name == ROPE_FREQS:
+                self.rope_factors = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
+            else:
                 raise ConversionError(f"{path}: tensor {tensor.name} is not part of a {arch} model")
-            elif not np.all(gguf.quants.dequantize(tensor.data, tensor.tensor_type) == 1.0):
-                raise ConversionError(f"{path}: tensor {ROPE_FREQS} rescales rotary frequencies (Llama 3.1 style), "
-                                      "which this converter cannot express; convert the Hugging Face checkpoint")
         self._check_quantization(path)
         config = self._config(path, arch)
         shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self.stored.items()}
@@ -122,6 +152,7 @@ class GGUFSource(Source):
         scaling = self.meta.get(f"{arch}.rope.scaling.type", "none")
         if scaling != "none":
             raise ConversionError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported")
+        theta = self.meta.get(f"{arch}.rope.freq_base", 10000.0)
         config = {
             "model_type": "llama",
             "num_hidden_layers": self._field(path, f"{arch}.block_count"),
@@ -133,7 +164,9 @@ class GGUFSource(Source):
             "vocab_size": self.meta.get(f"{arch}.vocab_size") or len(tokens) or (embed.shape[1] if embed else None),
             "max_position_embeddings": self.meta.get(f"{arch}.context_length", 2048),
             "rms_norm_eps": self.meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-            "rope_theta": self.meta.get(f"{arch}.rope.freq_base", 10000.0),
+            "rope_theta": theta,
+            "rope_scaling": None if self.rope_factors is None else llama3_rope_scaling(
+                self.rope_factors, theta, head_dim, f"{path}: tensor {ROPE_FREQS}"),
             "tie_word_embeddings": "lm_head.weight" not in self.stored,
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self.stored,
             "mlp_bias": "model.layers.0.mlp.gate_proj.bias" in self.stored,

@@ -137,6 +137,19 @@ def gguf_tensor_name(name: str) -> str:
             "lm_head.weight": "output.weight"}[name]
 
 
+def llama3_rope_divisors(head_dim: int, scaling: dict[str, Any]) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs: the divisor of each rotary frequency."""
+    freqs = 1.0 / scaling["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    context, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                "high_freq_factor"))
+    wavelength = 2 * np.pi / freqs
+    smooth = (context / wavelength - low) / (high - low)
+    divisors = np.where(wavelength < context / high, 1.0,
+                        np.where(wavelength > context / low, scaling["factor"],
+                                 1 / ((1 - smooth) / scaling["factor"] + smooth)))
+    return divisors.astype(np.float32)
+
+
 def write_gguf(model: LlamaForCausalLM, path: Path, quantization: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
                arch: str = "llama", pre: str = "gpt2", sentencepiece: bool = False,
                raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None) -> Path:
@@ -174,6 +187,9 @@ def write_gguf(model: LlamaForCausalLM, path: Path, quantization: gguf.GGMLQuant
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     raw = raw or {}
+    scaling = cfg.rope_parameters
+    if scaling.get("rope_type") == "llama3":  # llama.cpp stores Llama 3.1's rescaling as a tensor
+        writer.add_tensor("rope_freqs.weight", llama3_rope_divisors(cfg.hidden_size // cfg.num_attention_heads, scaling))
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # llama.cpp writes no output tensor for a tied head

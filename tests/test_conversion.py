@@ -257,6 +257,28 @@ def test_gguf_dequantizes_every_supported_type_block_by_block(kind, monkeypatch)
     assert ours.dtype == torch.float32 and torch.equal(ours, torch.from_numpy(whole.astype(np.float32)))
 
 
+def test_gguf_llama31_rope_factors_become_llama3_rope_scaling(tmp_path):
+    """llama.cpp keeps Llama 3.1's rope rescaling only as the rope_freqs tensor; its parameters come back."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 16.0,
+               "original_max_position_embeddings": 512, "rope_theta": 10000.0}
+    model = random_llama(rope_parameters=scaling, max_position_embeddings=1024)
+    convert(write_gguf(model, tmp_path / "model.gguf"), tmp_path / "dst")
+    written = json.loads((tmp_path / "dst" / "config.json").read_text())["rope_scaling"]
+    # (512, 2, 16) and (256, 1, 8) rescale alike: the converter picks low_freq_factor 1.
+    assert written == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+                       "original_max_position_embeddings": 256}
+    assert_close_logits(logits_of(from_pretrained(tmp_path / "dst", rank=0, world=1)), logits_of(model), tol=1e-5)
+    unscaled = random_llama()
+    assert (logits_of(unscaled) - logits_of(model)).abs().max() > 1e-3, "the rescaling must change the logits"
+
+
+def test_gguf_rope_factors_llama3_cannot_describe_are_refused():
+    origin = "m.gguf: tensor rope_freqs.weight"
+    assert gguf_file.llama3_rope_scaling(np.ones(8), 10000.0, 16, origin) is None
+    with pytest.raises(ConversionError, match=r"m\.gguf: tensor rope_freqs\.weight rescales rotary frequencies in a way"):
+        gguf_file.llama3_rope_scaling(np.array([1, 3, 2, 5, 1, 8, 2, 8.0]), 10000.0, 16, origin)
+
+
 def test_gguf_smollm_pre_tokenizer_splits_digits_like_llama_cpp(llama, tmp_path):
     """llama.cpp's "smollm" pre-tokenizer isolates each digit (regex \\p{N}) before GPT-2's regex."""
     ids = {}
