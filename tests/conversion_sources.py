@@ -109,6 +109,8 @@ def write_meta(model: LlamaForCausalLM, path: Path, shards: int = 2, embedding_d
     params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
               "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "multiple_of": 32,
               "norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_parameters["rope_theta"]}
+    if cfg.rope_parameters.get("rope_type") == "llama3":  # Meta states only the flag and the factor
+        params.update(use_scaled_rope=True, rope_scaling_factor=cfg.rope_parameters["factor"])
     (path / "params.json").write_text(json.dumps(params))
     whole = meta_state_dict(model)
     for rank in range(shards):

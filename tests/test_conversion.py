@@ -183,6 +183,15 @@ def test_meta_round_trip_matches_transformers(llama, tmp_path, shards, embedding
     assert_close_logits(logits_of(from_pretrained(tmp_path / "dst", rank=0, world=1)), logits_of(llama))
 
 
+def test_meta_scaled_rope_is_llama31_rope_scaling(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    model = random_llama(rope_parameters=scaling, max_position_embeddings=16384)
+    convert(write_meta(model, tmp_path / "meta", shards=1), tmp_path / "dst")
+    assert_close_logits(logits_of(from_pretrained(tmp_path / "dst", rank=0, world=1)), logits_of(model))
+    assert (logits_of(model) - logits_of(random_llama(rope_parameters=dict(scaling, rope_type="default")))).abs().max() > 1e-3
+
+
 class Payload:
     """An object whose unpickling would run code: weights_only loading must refuse it."""
 
