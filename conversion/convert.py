@@ -138,6 +138,9 @@ def convert(src: str | Path, dst: str | Path, ladder_layers: str | None = None, 
                 if not tensor.is_floating_point():
                     raise ConversionError(f"{source.origins[name]} has dtype {tensor.dtype}, "
                                           "weights must be floating point")
+                if tuple(tensor.shape) != tuple(source.shapes[name]):  # a reader broke its own promise
+                    raise ConversionError(f"{source.origins[name]} was read with shape {list(tensor.shape)}, "
+                                          f"not the declared {list(source.shapes[name])}")
                 if config.tie_word_embeddings and name == "lm_head.weight":
                     continue  # tied: the head is the embedding
                 writer.add_tensor(name, tensor.to(dtype))

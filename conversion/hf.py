@@ -78,13 +78,16 @@ class HuggingFaceSource(Source):
             raise ConversionError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # safetensors returns views of the memory-mapped file: one mapping per tensor, closed once the
+        # tensor is written, keeps the pages it touched from piling up in memory over a whole shard.
         for file, names in self._by_file().items():
-            with self._open(file) as f:
-                for name in names:
+            for name in names:
+                with self._open(file) as f:
                     try:
-                        yield name, f.get_tensor(name)
+                        tensor = f.get_tensor(name)
                     except SafetensorError as exc:
                         raise ConversionError(f"{file}: tensor {name} cannot be read ({exc})") from None
+                    yield name, tensor
 
     def files(self) -> dict[str, bytes]:
         return {name: (self.path / name).read_bytes() for name in SIDE_FILES if (self.path / name).is_file()}
