@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from conversion.writer import CheckpointWriter
 from ladder import distributed as comm
-from ladder.checkpoint import CheckpointError, from_pretrained, load_config, weight_map
+from ladder.checkpoint import CheckpointError, from_pretrained, full_shapes, load_config, weight_map
 from ladder.config import ConfigError, LadderConfig, Schedule, parse_layer_selection
 from ladder.data import (
     DataError,
@@ -234,17 +234,17 @@ def sum_partial_gradients(params: Sequence[nn.Parameter], shards: Sequence[Shard
 
 def global_grad_norm(params: Sequence[nn.Parameter], shards: Sequence[ShardInfo]) -> torch.Tensor:
     """The gradient norm of the whole (unsharded) model: every entry counted exactly once."""
-    squares = torch.zeros((), dtype=torch.float64)
+    counted = []
     for param, shard in zip(params, shards, strict=True):
         if param.grad is None:
             continue
         if shard.dim is None:
             if comm.rank() == 0:
-                squares += param.grad.double().square().sum()
+                counted.append(param.grad)
         else:
-            owned = param.grad.narrow(shard.dim, shard.owned_from, param.shape[shard.dim] - shard.owned_from)
-            squares += owned.double().square().sum()
-    return comm.all_reduce(squares).sqrt()
+            counted.append(param.grad.narrow(shard.dim, shard.owned_from, param.shape[shard.dim] - shard.owned_from))
+    norms = torch.stack([torch.linalg.vector_norm(g) for g in counted]) if counted else torch.zeros(1)
+    return comm.all_reduce(norms.double().square().sum()).sqrt()
 
 
 # --- vocabulary-parallel cross-entropy ------------------------------------------------------------
@@ -346,7 +346,7 @@ class Trainer:
         self.shards = [described[n] for n in self.names]
         groups = [{"params": [p for p in self.params if p.ndim >= 2], "weight_decay": settings.weight_decay},
                   {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(settings.warmup_steps, total_steps, settings.min_lr_ratio))
         self.autocast = settings.dtype == "bfloat16"
@@ -379,10 +379,8 @@ class Trainer:
         """Clip the accumulated gradients by the whole model's norm, then take one AdamW step."""
         norm = global_grad_norm(self.params, self.shards).item()
         if self.settings.max_grad_norm is not None and norm > self.settings.max_grad_norm:
-            scale = self.settings.max_grad_norm / (norm + 1e-6)
-            for param in self.params:
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, self.settings.max_grad_norm / (norm + 1e-6))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -412,9 +410,11 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: LadderForCausalLM, sequences: PackedSequences, batch_size: int,
-             autocast: bool = False) -> float:
-    """Mean per-token loss over every sequence (data-parallel replicas share the work)."""
+def evaluate(model: LadderForCausalLM, sequences: PackedSequences, batch_size: int) -> float:
+    """Mean per-token loss over every sequence (data-parallel replicas share the work).
+
+    Always in float32, whatever the training's autocast, so that losses compare across runs.
+    """
     was_training = model.training
     model.eval()
     mine = list(range(comm.data_parallel_rank(), len(sequences), comm.data_parallel_size()))
@@ -424,9 +424,7 @@ def evaluate(model: LadderForCausalLM, sequences: PackedSequences, batch_size: i
     sums = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         inputs, targets = sequences.batch(batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(inputs)
-        losses = vocab_parallel_cross_entropy(logits, targets, model.plan.vocab.start)
+        losses = vocab_parallel_cross_entropy(model(inputs), targets, model.plan.vocab.start)
         sums += torch.tensor([losses.double().sum().item(), losses.numel()], dtype=torch.float64)
     comm.all_reduce_data_parallel(sums)
     model.train(was_training)
@@ -454,8 +452,7 @@ def gather_whole(tensor: torch.Tensor | None, shard: ShardInfo) -> torch.Tensor 
 
 def gather_full_state(model: LadderForCausalLM) -> dict[str, torch.Tensor] | None:
     """Every tensor whole, in Hugging Face names, on tensor-parallel rank 0; None on the other ranks."""
-    with torch.device("meta"):
-        names = list(LadderForCausalLM(model.config, 0, 1).state_dict())
+    names = list(full_shapes(model.config))
     if model.config.tie_word_embeddings:
         names.remove("lm_head.weight")
     own = model.state_dict()
@@ -565,7 +562,7 @@ def train_on_rank(run: RunPlan) -> dict[str, Any]:
     def validate(step: int) -> float | None:
         if val is None:
             return None
-        loss = evaluate(model, val, settings.batch_size, trainer.autocast)
+        loss = evaluate(model, val, settings.batch_size)
         metrics.write({"step": step, "val_loss": loss, "val_ppl": math.exp(loss)})
         if leader and settings.progress:
             bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(loss):.3f}")
@@ -650,13 +647,13 @@ def load_data(settings: Settings, config: LadderConfig) -> TokenSplit:
 
 
 def validation_loss(settings: Settings) -> float:
-    """The mean token loss of `settings.checkpoint` (under `settings.ladder_layers` if given) on the
-    validation split that fine-tuning with these settings holds out; one rank, no training."""
+    """The mean float32 token loss of `settings.checkpoint` (under `settings.ladder_layers` if given)
+    on the validation split that fine-tuning with these settings holds out; one rank, no training."""
     config = check_checkpoint(settings.checkpoint)
     data = load_data(settings, config)
     model = from_pretrained(settings.checkpoint, rank=0, world=1, schedules=schedules_for(config, settings.ladder_layers))
     sequences = PackedSequences(data.val, settings.seq_len, keep_tail=True)
-    return evaluate(model, sequences, settings.batch_size, settings.dtype == "bfloat16")
+    return evaluate(model, sequences, settings.batch_size)
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
