@@ -713,11 +713,12 @@ def keep_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(kept))
 
 
-def finetune(settings: Settings) -> dict[str, Any]:
+def finetune(settings: Settings) -> dict[str, Any] | None:
     """Run (or resume) a fine-tuning: on this process at one rank, else on tp x dp spawned local ranks.
 
     Under torchrun (WORLD_SIZE > 1 in the environment) this process is one of the ranks already.
-    Returns rank 0's summary (steps, tokens, seconds, final validation loss and perplexity).
+    Returns rank 0's summary (steps, tokens, seconds, final validation loss and perplexity); None on
+    torchrun's other ranks.
     """
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if under_torchrun:
@@ -735,7 +736,7 @@ def finetune(settings: Settings) -> dict[str, Any]:
     return comm.launch(train_on_rank, world, run, placement=placement, timeout_s=settings.timeout)[0]
 
 
-def _finetune_under_torchrun(settings: Settings) -> dict[str, Any]:
+def _finetune_under_torchrun(settings: Settings) -> dict[str, Any] | None:
     world = int(os.environ["WORLD_SIZE"])
     if world % settings.tp:
         raise FinetuneError(f"--tp {settings.tp} does not divide torchrun's world of {world} ranks")
@@ -754,7 +755,8 @@ def _finetune_under_torchrun(settings: Settings) -> dict[str, Any]:
         run = comm.broadcast_object(run)
         if isinstance(run, FinetuneError):
             raise run
-        return train_on_rank(run)
+        summary = train_on_rank(run)
+        return summary if rank == 0 else None
     finally:
         comm.shutdown()
 
@@ -823,8 +825,11 @@ def run(args: argparse.Namespace) -> int:
         summary = finetune(settings_from_args(args))
     except FinetuneError as exc:
         raise SystemExit(f"ladder finetune: error: {exc}") from None
-    if summary.get("val_loss") is not None:
+    if summary is None:
+        return 0
+    if summary["val_loss"] is not None:
         print(f"validation loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.3f}")
-    print(f"{summary['steps']} steps, {summary['train_tokens']} tokens in {summary['train_seconds']:.1f} s; "
+    print(f"{summary['steps'] - summary['resumed_from_step']} steps, {summary['train_tokens']} tokens in "
+          f"{summary['train_seconds']:.1f} s; "
           f"wrote {summary['out']}")
     return 0

@@ -18,8 +18,16 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conversion.writer import CheckpointWriter
-from ladder import LadderConfig, from_pretrained, random_full_state_dict
-from ladder.train import FinetuneError, Settings, finetune, validation_loss, vocab_parallel_cross_entropy
+from ladder import LadderConfig, LadderForCausalLM, from_pretrained, random_full_state_dict
+from ladder.train import (
+    FinetuneError,
+    Settings,
+    Trainer,
+    finetune,
+    prepare_model,
+    validation_loss,
+    vocab_parallel_cross_entropy,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. Winston Smith, his chin "
@@ -211,3 +219,20 @@ def test_existing_output_and_changed_resume_are_refused(checkpoint: Path, tmp_pa
     with pytest.raises(FinetuneError, match="already holds a run"):
         finetune(Settings(checkpoint, [data], tmp_path / "run", seq_len=32))
 
+
+
+def test_bfloat16_autocast_tracks_float32_and_keeps_float32_weights() -> None:
+    config = LadderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        model = LadderForCausalLM(config)
+        model.load_full_state_dict(random_full_state_dict(config, seed=2, std=0.1))
+        settings = Settings(Path("ckpt"), [], Path("out"), dtype=dtype, lr=1e-3)
+        prepare_model(model, settings)
+        trainer = Trainer(model, settings, total_steps=2)
+        losses[dtype] = trainer.step([(ids[:, :-1], ids[:, 1:])])["loss"]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=1e-2)
+    assert losses["bfloat16"] != losses["float32"]  # autocast really computed in bfloat16
