@@ -1,0 +1,121 @@
+"""A fast run of the benchmark machinery (`ladder bench --quick`) and its pieces; no speed is asserted."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks import netns
+from benchmarks.report import overlap_efficiency
+from ladder import distributed as comm
+from ladder.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--quick", "--tp", "1,2", "--no-placements", "--slow-link-rate", "off",
+                 "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_report_measures_every_variant_at_tp1_and_tp2(quick_report: tuple[Path, dict[str, Any]]) -> None:
+    _, report = quick_report
+    by_tp = {s["tp"]: s for s in report["sessions"]}
+    assert sorted(by_tp) == [1, 2]
+    schedules = {"standard", "ladder", "parallel", "upper-bound"}
+    assert set(by_tp[1]["variants"]) == schedules | {"hf-transformers"}
+    assert set(by_tp[2]["variants"]) == schedules | {"pytorch-tp"}, by_tp[2]["unavailable"]
+    for session in by_tp.values():
+        for name, v in session["variants"].items():
+            for batch in ("1", "2"):
+                assert v["decode_ms"][batch] > 0, (session["tp"], name)
+                assert len(v["decode_ms_runs"][batch]) == report["plan"]["repeats"]
+                assert len(v["blocked_ms_per_token"][batch]) == session["tp"]  # one figure per rank
+            assert v["prefill_ms"] > 0
+        assert len(session["peak_rss_mb"]) == session["tp"] and min(session["peak_rss_mb"]) > 0
+        assert session["roofline_tokens_per_s"] > 0
+    # Nothing to wait for without a process group; under TP=2 the standard schedule blocks on every reduction.
+    assert by_tp[1]["variants"]["standard"]["blocked_ms_per_token"]["1"] == [0.0]
+    assert min(by_tp[2]["variants"]["standard"]["blocked_ms_per_token"]["1"]) > 0
+    assert by_tp[2]["variants"]["pytorch-tp"]["blocked_ms_per_token"]["1"] == [0.0, 0.0]  # not instrumented
+    assert set(by_tp[2]["overlap_efficiency"]) == {"1", "2"} and by_tp[1]["overlap_efficiency"] == {}
+    profile = by_tp[2]["profile"]
+    assert len(profile) == 2 and set(profile[0]) == {"standard", "ladder"}
+    assert profile[0]["standard"]["wall"] >= profile[0]["standard"]["matmul"] > 0
+    assert report["slow_link"] == {"skipped": "--slow-link-rate off"}
+    assert set(report["bandwidth_gb_s"]) == {str(t) for t in range(1, report["machine"]["cores"] + 1)}
+
+
+def test_quick_report_writes_markdown_and_png_plots(quick_report: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = quick_report
+    markdown = (out / "results.md").read_text()
+    assert "| TP | variant | decode ms/token b=1 |" in markdown
+    assert "| 2 | ladder |" in markdown and "| 1 | hf-transformers |" in markdown
+    assert "Slow interconnect" in markdown and "Skipped: --slow-link-rate off" in markdown
+    for name in ("decode_tokens_per_s.png", "overlap_efficiency.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overlap_efficiency_is_the_share_of_communication_hidden() -> None:
+    def decode(ms: dict[int, float]) -> dict[str, Any]:
+        return {"decode_ms": ms}
+
+    variants = {"standard": decode({1: 30.0, 4: 40.0}), "ladder": decode({1: 24.0, 4: 40.0}),
+                "upper-bound": decode({1: 22.0, 4: 40.0})}
+    assert overlap_efficiency(variants) == {1: 0.75, 4: None}  # nothing to hide at batch 4
+    assert overlap_efficiency({"standard": decode({1: 1.0})}) == {}
+
+
+class _SlowWork:
+    def wait(self) -> None:
+        time.sleep(0.02)
+
+
+def test_wait_clock_counts_only_while_started() -> None:
+    tensor = torch.ones(3)
+    before = comm.WaitClock.seconds
+    comm.Pending(tensor, _SlowWork()).wait()
+    assert comm.WaitClock.seconds == before  # off: not counted
+    comm.WaitClock.start()
+    try:
+        assert comm.Pending(tensor, _SlowWork()).wait() is tensor
+        comm.Pending(tensor).wait()  # nothing in flight: nothing to count
+    finally:
+        waited = comm.WaitClock.stop()
+    assert 0.02 <= waited < 1.0
+    comm.Pending(tensor, _SlowWork()).wait()
+    assert comm.WaitClock.seconds == waited
+
+
+def test_slow_link_mode_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert "needs root" in netns.availability()
+    with pytest.raises(netns.SlowLinkUnavailable, match="needs root"), netns.SlowLink():
+        pass
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "tc" else "/usr/sbin/ip")
+    assert "iproute2 (tc not found" in netns.availability()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(netns.availability() is not None, reason=str(netns.availability()))
+def test_slow_link_runs_two_hosts_through_torchrun_and_cleans_up() -> None:
+    import dataclasses
+
+    from benchmarks.session import SessionSpec
+    from benchmarks.workload import ModelSource, Plan
+
+    spec = SessionSpec(ModelSource("tiny"), dataclasses.replace(Plan.quick(), batches=(1,), prefill_repeats=0),
+                       schedules=("standard", "ladder"), baselines=False)
+    with netns.SlowLink(rate="50mbit") as link:
+        ranks = link.run_session(spec)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    assert min(ranks[0]["samples"]["standard"].decode[1][0].steps_blocked_s) > 0
+    listed = netns._run("ip", "netns", "list").stdout.split()
+    assert not set(netns.NAMESPACES) & set(listed)
