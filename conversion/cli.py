@@ -16,7 +16,7 @@ from ladder.config import ConfigError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path, help="a Hugging Face or Ladder directory (config.json), a Meta original "
-                        "directory (params.json + consolidated.NN.pth), or a GGUF file")
+                        "directory (params.json + consolidated.NN.pth), a GGUF file, or a directory holding one GGUF file")
     parser.add_argument("dst", type=Path, help="the Ladder checkpoint directory to write")
     parser.add_argument("--ladder-layers", metavar="LAYERS",
                         help="layers to make ladder layers: none, all, upper-half (the paper's recipe), a range "

@@ -18,14 +18,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+USER_DEFINED_TOKENS = ["<think>"]  # llama.cpp matches these whole in text, but they are not special
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o n", "e r", "a n", "Ġ w", "o r", "1 2"]
 
 
 def byte_level_vocabulary() -> list[str]:
-    """Control tokens, the 256 byte characters of GPT-2's alphabet, then one token per merge."""
+    """Control tokens, the 256 byte characters of GPT-2's alphabet, one token per merge, user-defined tokens."""
     from conversion.gguf_tokenizer import byte_alphabet
 
-    return [*CONTROL_TOKENS, *byte_alphabet().values(), *(m.replace(" ", "") for m in MERGES)]
+    return [*CONTROL_TOKENS, *byte_alphabet().values(), *(m.replace(" ", "") for m in MERGES), *USER_DEFINED_TOKENS]
 
 
 VOCAB_SIZE = len(byte_level_vocabulary())
@@ -182,7 +183,7 @@ def write_gguf(model: LlamaForCausalLM, path: Path, quantization: gguf.GGMLQuant
         writer.add_tokenizer_pre(pre)
         tokens = byte_level_vocabulary()
         writer.add_token_list(tokens)
-        writer.add_token_types([3 if t in CONTROL_TOKENS else 1 for t in tokens])
+        writer.add_token_types([3 if t in CONTROL_TOKENS else 4 if t in USER_DEFINED_TOKENS else 1 for t in tokens])
         writer.add_token_merges(MERGES)
         writer.add_add_bos_token(False)
         writer.add_chat_template(CHATML)

@@ -38,7 +38,7 @@ from ladder.config import ConfigError, LadderConfig, Schedule
 from ladder.tokenizer import Tokenizer
 
 IDS = torch.tensor([[5, 77, 100, 3, 250, 260, 8, 9, 42, 199, 7, 31]])
-TEXTS = ["the 12 then <|im_start|>in", "Hello world, où est 2024?\n\n  tabs\tand spaces  "]
+TEXTS = ["the 12 then <|im_start|>in", "Hello world, où est 2024?\n\n  tabs\tand spaces  ", "a<think>b"]
 
 
 def logits_of(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -238,6 +238,8 @@ def test_gguf_round_trip_matches_transformers(quantization, tmp_path):
         messages = [{"role": "user", "content": "hi"}]
         assert tokenizer.apply_chat_template(messages) == ref_tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)
+        assert tokenizer.inner.id_to_token(tokenizer.encode("a<think>b")[1]) == "<think>"
+        assert tokenizer.decode(tokenizer.encode("a<think>b")) == "a<think>b"  # not special: kept in text
         assert tokenizer.chat_template == CHATML
         assert tokenizer.token_id("eos_token") == 2 and tokenizer.token_id("bos_token") == 1
         assert json.loads((dst / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
