@@ -63,18 +63,21 @@ def hf_runner(model: torch.nn.Module) -> Runner:
     return run
 
 
-def pytorch_tp_model(config: LadderConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """transformers' Llama split by DTensor's ColwiseParallel/RowwiseParallel over every rank.
-
-    Raises `BaselineUnavailable` (on every rank alike) when the split cannot work, e.g. heads
-    that the TP size does not divide: DTensor shards rows evenly and would cut a head in half.
-    """
-    world = comm.world_size()
+def pytorch_tp_obstacle(config: LadderConfig, world: int) -> str | None:
+    """Why DTensor's plan cannot split this model over `world` ranks, or None if it can."""
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if heads % world or kv_heads % world:
-        raise BaselineUnavailable(
-            f"PyTorch's ColwiseParallel shards q/k/v rows evenly (DTensor Shard(0)); {heads} query heads and "
-            f"{kv_heads} kv heads do not divide by TP={world}, so a rank would hold part of a head")
+        return (f"PyTorch's ColwiseParallel shards q/k/v rows evenly (DTensor Shard(0)); {heads} query heads and "
+                f"{kv_heads} kv heads do not divide by TP={world}, so a rank would hold part of a head")
+    return None
+
+
+def pytorch_tp_model(config: LadderConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """transformers' Llama split by DTensor's ColwiseParallel/RowwiseParallel over every rank."""
+    world = comm.world_size()
+    obstacle = pytorch_tp_obstacle(config, world)
+    if obstacle:
+        raise BaselineUnavailable(obstacle)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 

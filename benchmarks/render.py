@@ -77,12 +77,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         for session in sessions:
             lines += _session_rows(session, batches)
         lines += ["", "| TP | overlap efficiency " + " | ".join(f"b={b}" for b in batches)
-                  + " | roofline tokens/s | weights MB/rank | peak RSS MB/rank | threads/rank |",
-                  "|" + "---|" * (len(batches) + 5)]
+                  + " | roofline tokens/s | weights MB/rank | resident MB/rank after load | peak RSS MB/rank "
+                  "(incl. baselines) | threads/rank |",
+                  "|" + "---|" * (len(batches) + 6)]
         for s in sessions:
             eff = [_fmt(s["overlap_efficiency"].get(b), 2) for b in batches]
             lines.append(f"| {_tp_label(s)} | " + " | ".join(eff) + f" | {_fmt(s.get('roofline_tokens_per_s'))} | "
                          f"{' / '.join(map(str, s['streamed_mb_per_rank']))} | "
+                         f"{' / '.join(map(str, s['resident_mb_after_load']))} | "
                          f"{' / '.join(map(str, s['peak_rss_mb']))} | {' / '.join(map(str, s['threads_per_rank']))} |")
         notes = {name: why for s in sessions for name, why in s["unavailable"].items()}
         lines += [""] + [f"- {name} at TP={s['tp']} did not run: {s['unavailable'][name]}"

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks import netns
+from benchmarks.render import write_markdown, write_plots
 from benchmarks.session import SessionSpec, run_session
 from benchmarks.workload import SHAPES, ModelSource, Plan, Run, Samples
 from ladder import distributed as comm
@@ -56,8 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.render import write_markdown, write_plots
-
     if args.quick:
         shapes, tps, plan = ["tiny"], [t for t in args.tp if t <= 2], Plan.quick()
     else:
@@ -67,15 +67,29 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ladder-bench-weights-") as weights:
+        report = measure_all(args, shapes, tps, plan, Path(weights))
+    (args.out / "results.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, args.out / "results.md")
+    plots = write_plots(report, args.out)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {', '.join(str(p) for p in plots)} "
+          f"in {report['wall_seconds']:.0f} s")
+    return 0
+
+
+def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], plan: Plan,
+                weights: Path) -> dict[str, Any]:
+    """Everything, in one run; random weights are written once to `weights` as checkpoints."""
     started = time.time()
     report: dict[str, Any] = {"machine": machine(), "load_before": os.getloadavg(),
                               "plan": dataclasses.asdict(plan), "command": vars(args) | {"out": str(args.out)}}
     report["bandwidth_gb_s"] = measure_bandwidth(quick=args.quick)
     print(f"matrix-vector bandwidth (GB/s by threads): {report['bandwidth_gb_s']}", flush=True)
 
+    sources = {shape: ModelSource(shape, args.checkpoint if shape == "smollm2-135m" else None).materialized(weights)
+               for shape in shapes}
     report["sessions"] = []
-    for shape in shapes:
-        source = ModelSource(shape, args.checkpoint if shape == "smollm2-135m" else None)
+    for shape, source in sources.items():
         heads = source.config().num_attention_heads
         for tp in tps:
             if tp > heads:
@@ -91,26 +105,22 @@ def run(args: argparse.Namespace) -> int:
     report["placements"] = []
     if not args.no_placements and 2 in tps:
         short = dataclasses.replace(plan, batches=(1,), prefill_repeats=0)
-        spec = SessionSpec(ModelSource(placement_shape, args.checkpoint if placement_shape == "smollm2-135m" else None),
-                           short, schedules=("standard", "ladder", "upper-bound"), baselines=False)
+        spec = SessionSpec(sources[placement_shape], short, schedules=("standard", "ladder", "upper-bound"),
+                           baselines=False)
         for label, placement in PLACEMENTS.items():
             print(f"--- placement: {label} ---", flush=True)
             ranks = comm.launch(run_session, 2, spec, placement=placement, timeout_s=600)
             summary = summarize(placement_shape, spec.source, ranks, report["bandwidth_gb_s"])
             report["placements"].append({"placement": label} | summary)
 
-    report["slow_link"] = slow_link(args, placement_shape, plan) if 2 in tps else {"skipped": "TP=2 not requested"}
+    report["slow_link"] = (slow_link(args, placement_shape, sources[placement_shape], plan) if 2 in tps
+                           else {"skipped": "TP=2 not requested"})
     report["load_after"] = os.getloadavg()
     report["wall_seconds"] = time.time() - started
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / "results.md")
-    plots = write_plots(report, args.out)
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {', '.join(str(p) for p in plots)} "
-          f"in {report['wall_seconds']:.0f} s")
-    return 0
+    return report
 
 
-def slow_link(args: argparse.Namespace, shape: str, plan: Plan) -> dict[str, Any]:
+def slow_link(args: argparse.Namespace, shape: str, source: ModelSource, plan: Plan) -> dict[str, Any]:
     """TP=2 with one rank per network namespace, first over the bare veth pair, then rate-limited."""
     if args.slow_link_rate == "off":
         return {"skipped": "--slow-link-rate off"}
@@ -119,7 +129,6 @@ def slow_link(args: argparse.Namespace, shape: str, plan: Plan) -> dict[str, Any
         print(f"slow-interconnect mode skipped: {reason}")
         return {"skipped": reason}
     link_plan = dataclasses.replace(plan, batches=tuple(b for b in plan.batches if b <= 4), prefill_repeats=0)
-    source = ModelSource(shape, args.checkpoint if shape == "smollm2-135m" else None)
     spec = SessionSpec(source, link_plan, baselines=False)
     runs = []
     for rate in (None, args.slow_link_rate):
@@ -195,9 +204,10 @@ def summarize(shape: str, source: ModelSource, ranks: list[dict[str, Any]],
     speedup = {name: {b: round(standard["decode_ms"][b] / v["decode_ms"][b], 3) for b in v["decode_ms"]}
                for name, v in variants.items()} if standard else {}
     summary: dict[str, Any] = {
-        "shape": shape, "checkpoint": source.checkpoint, "tp": world,
+        "shape": shape, "checkpoint": None if source.random_weights else source.checkpoint, "tp": world,
         "oversubscribed": threads_total > cores, "threads_per_rank": [r["threads"] for r in ranks],
         "cores_per_rank": [r["cores"] for r in ranks],
+        "resident_mb_after_load": [round(r["resident_bytes_after_load"] / 2**20) for r in ranks],
         "peak_rss_mb": [round(r["peak_rss_bytes"] / 2**20) for r in ranks],
         "streamed_mb_per_rank": [round(r["streamed_bytes"] / 2**20, 1) for r in ranks],
         "variants": variants, "speedup_vs_standard": speedup,

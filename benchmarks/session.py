@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.baselines import BaselineUnavailable, agree_everywhere, hf_model, hf_runner, pytorch_tp_model
+from benchmarks.baselines import (
+    BaselineUnavailable,
+    agree_everywhere,
+    hf_model,
+    hf_runner,
+    pytorch_tp_model,
+    pytorch_tp_obstacle,
+)
 from benchmarks.workload import (
     ModelSource,
     Plan,
@@ -26,6 +33,7 @@ from benchmarks.workload import (
     ladder_runner,
     make_prompts,
     peak_rss_bytes,
+    resident_bytes,
     schedule_variants,
     streamed_bytes,
 )
@@ -50,12 +58,15 @@ def run_session(spec: SessionSpec) -> dict[str, Any]:
     rank, world = comm.rank(), comm.world_size()
     log = print if rank == 0 else (lambda _: None)
     base = spec.source.load(rank, world)
+    resident = resident_bytes()
     variants = {name: model for name, model in schedule_variants(base).items() if name in spec.schedules}
     runners: dict[str, Runner] = {name: ladder_runner(model) for name, model in variants.items()}
     unavailable: dict[str, str] = {}
     if spec.baselines:
         name, build = (HF_BASELINE, hf_model) if world == 1 else (TORCH_TP_BASELINE, pytorch_tp_model)
         try:
+            if world > 1 and (obstacle := pytorch_tp_obstacle(base.config, world)):
+                raise BaselineUnavailable(obstacle)  # before loading a whole copy of the weights
             weights = base.state_dict() if world == 1 else spec.source.full_state_dict()
             runner = _checked(hf_runner(build(base.config, weights)), base.config.vocab_size)
             error = None
@@ -72,7 +83,8 @@ def run_session(spec: SessionSpec) -> dict[str, Any]:
     return {
         "rank": rank, "world": world, "threads": torch.get_num_threads(),
         "cores": sorted(os.sched_getaffinity(0)), "pid": os.getpid(),
-        "streamed_bytes": streamed_bytes(base), "peak_rss_bytes": peak_rss_bytes(),
+        "streamed_bytes": streamed_bytes(base), "resident_bytes_after_load": resident,
+        "peak_rss_bytes": peak_rss_bytes(),
         "samples": samples, "unavailable": unavailable, "profile": profile,
     }
 

@@ -14,10 +14,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from conversion.writer import CheckpointWriter
 from ladder import distributed as comm
 from ladder.checkpoint import from_pretrained, load_config
 from ladder.config import LadderConfig, Schedule
@@ -44,10 +46,14 @@ SCHEDULES = (Schedule.STANDARD, Schedule.LADDER, Schedule.PARALLEL, Schedule.UPP
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A named shape with random weights, or a converted checkpoint directory (then `shape` is its name)."""
+    """A named shape with random weights, or a converted checkpoint directory (then `shape` is its name).
+
+    `random_weights` marks a checkpoint that `materialized` wrote from random weights.
+    """
 
     shape: str
     checkpoint: str | None = None
+    random_weights: bool = False
 
     def config(self) -> LadderConfig:
         if self.checkpoint:
@@ -67,6 +73,19 @@ class ModelSource:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights in Hugging Face naming (for the external baselines)."""
         return self.load(0, 1).state_dict()
+
+    def materialized(self, directory: Path) -> ModelSource:
+        """The same random weights written once as a checkpoint under `directory`, so that each rank
+        reads only its shard (as with real weights) instead of generating the whole model."""
+        if self.checkpoint:
+            return self
+        config, path = self.config(), directory / self.shape
+        with CheckpointWriter(path, force=True) as writer:
+            for name, tensor in random_full_state_dict(config).items():
+                if not (config.tie_word_embeddings and name == "lm_head.weight"):
+                    writer.add_tensor(name, tensor)
+            writer.add_json("config.json", config.to_dict())
+        return ModelSource(self.shape, str(path), random_weights=True)
 
 
 def schedule_variants(base: LadderForCausalLM, schedules: tuple[Schedule, ...] = SCHEDULES
@@ -216,3 +235,9 @@ def median_decode(runs: list[Run]) -> float:
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
