@@ -58,6 +58,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"over rounds of each run's mean decode step. Prefill: a {plan['prefill_tokens']}-token prompt, batch 1, "
         f"{plan['prefill_repeats']} rounds. Blocked = time inside `Pending.wait` per decode step, per rank.",
         "",
+        *_targets(report),
         "## Memory-bandwidth roofline",
         "",
         "| threads | fp32 matrix-vector GB/s |",
@@ -90,12 +91,59 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines += [""] + [f"- {name} at TP={s['tp']} did not run: {s['unavailable'][name]}"
                          for s in sessions for name in s["unavailable"]] if notes else []
         lines.append("")
+        lines += _scaling_table(sessions)
         profiled = [s for s in sessions if s["profile"]]
         if profiled:
             lines += [*_profile_table(profiled[0]), ""]
     lines += _placement_table(report.get("placements", [])) + _slow_link_table(report.get("slow_link", {}))
     lines += [f"Paper reference overlap efficiency (70B, TP=8, H100, batch 1): {PAPER_OVERLAP_EFFICIENCY}.", ""]
     path.write_text("\n".join(lines))
+
+
+def _find(report: dict[str, Any], shape: str, tp: int) -> dict[str, Any] | None:
+    return next((s for s in report["sessions"] if s["shape"] == shape and s["tp"] == tp), None)
+
+
+def _targets(report: dict[str, Any]) -> list[str]:
+    """The issue's targets next to what this run measured (batch 1)."""
+    rows = []
+    tp1, tp2 = _find(report, "smollm2-135m", 1), _find(report, "smollm2-135m", 2)
+    if tp1 and "hf-transformers" in tp1["variants"]:
+        v = tp1["variants"]
+        ratio = v["hf-transformers"]["decode_ms"][1] / v["standard"]["decode_ms"][1]
+        rows.append(("SmolLM2 TP=1 decode vs transformers (standard schedule)", ">= 2x", f"{ratio:.2f}x", ratio >= 2))
+    if tp1 and "roofline_fraction_batch1" in tp1:
+        share = tp1["roofline_fraction_batch1"]["standard"]
+        rows.append(("SmolLM2 TP=1 decode, share of the roofline", ">= 0.70", f"{share:.2f}", share >= 0.7))
+    if tp2 and tp2["overlap_efficiency"].get(1) is not None:
+        eff = tp2["overlap_efficiency"][1]
+        rows.append(("SmolLM2 TP=2 ladder overlap efficiency", ">= 0.8", f"{eff:.2f}", eff >= 0.8))
+    for run in report.get("slow_link", {}).get("runs", []):
+        if run["link"]["qdisc"]:
+            speedup = run["speedup_vs_standard"]["ladder"][1]
+            rows.append((f"{run['shape']} TP=2 over a {run['link']['rate']} link, ladder vs standard", ">= 1.3x",
+                         f"{speedup:.2f}x", speedup >= 1.3))
+    if not rows:
+        return []
+    lines = ["## Targets (batch 1)", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {name} | {want} | {got} | {'yes' if ok else 'no'} |" for name, want, got, ok in rows]
+    return [*lines, ""]
+
+
+def _scaling_table(sessions: list[dict[str, Any]]) -> list[str]:
+    """TP=N vs TP=1 decode speed (batch 1) per schedule."""
+    base = next((s for s in sessions if s["tp"] == 1), None)
+    others = [s for s in sessions if s["tp"] > 1]
+    if not base or not others:
+        return []
+    lines = ["| scaling vs TP=1, batch 1 | " + " | ".join(f"TP={_tp_label(s)}" for s in others) + " |",
+             "|" + "---|" * (len(others) + 1)]
+    for name in ("standard", "ladder", "parallel", "upper-bound"):
+        if name in base["variants"]:
+            cells = [_fmt(base["variants"][name]["decode_ms"][1] / s["variants"][name]["decode_ms"][1], 2) + "x"
+                     for s in others]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _profile_table(session: dict[str, Any]) -> list[str]:

@@ -55,9 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tc rate of the veth link between the two namespaces; 'off' skips the mode")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, TP 1 and 2, a few tokens: checks the machinery in seconds")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: redraw the markdown and plots of an earlier results.json into --out")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.render:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_outputs(json.loads(args.render.read_text()), args.out)
+        return 0
     if args.quick:
         shapes, tps, plan = ["tiny"], [t for t in args.tp if t <= 2], Plan.quick()
     else:
@@ -69,12 +75,27 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ladder-bench-weights-") as weights:
         report = measure_all(args, shapes, tps, plan, Path(weights))
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, args.out / "results.md")
-    plots = write_plots(report, args.out)
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {', '.join(str(p) for p in plots)} "
-          f"in {report['wall_seconds']:.0f} s")
+    text = json.dumps(report, indent=1)
+    (args.out / "results.json").write_text(text)
+    write_outputs(json.loads(text), args.out)
     return 0
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    """Markdown and plots, always drawn from the JSON form (so `--render` gives the same result)."""
+    report = _int_keys(report)
+    write_markdown(report, out / "results.md")
+    plots = write_plots(report, out)
+    print(f"wrote {out / 'results.md'}, {', '.join(str(p) for p in plots)}")
+
+
+def _int_keys(value: Any) -> Any:
+    """JSON turns the batch sizes and thread counts used as keys into strings; turn them back."""
+    if isinstance(value, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_int_keys(v) for v in value]
+    return value
 
 
 def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], plan: Plan,
