@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +177,7 @@ class ShardInfo:
 
 
 def base_shard(plan: ShardPlan, name: str) -> ShardInfo:
+    """ShardInfo of model tensor `name` (Hugging Face naming) on this rank, from the shard plan."""
     part = plan.slice_of(name)
     if plan.world == 1 or part is None:
         return ShardInfo(None)
@@ -321,7 +322,7 @@ def prepare_model(model: LadderForCausalLM, settings: Settings) -> None:
     model.train()
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """LR factor after `step` optimizer steps: linear warm-up, then cosine down to `min_ratio`."""
     def factor(step: int) -> float:
         if step < warmup:
