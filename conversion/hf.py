@@ -7,7 +7,6 @@ memory-mapped files.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from conversion.source import ConversionError, Source
 from ladder.checkpoint import INDEX_FILE, CheckpointError, weight_map
+from ladder.config import read_json_object
 
 LLAMA_MODEL_TYPES = ("llama", "llamaLadder")
 # Files that describe the tokenizer or generation defaults, copied as they are when present.
@@ -28,15 +28,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_json(file: Path, what: str) -> dict[str, Any]:
-    try:
-        raw = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConversionError(f"{file}: no such file ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{file}: expected a JSON object ({what})")
-    return raw
+    return read_json_object(file, what, ConversionError)
 
 
 class HuggingFaceSource(Source):

@@ -139,14 +139,7 @@ class LadderConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> LadderConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json_object(Path(path), "the model's configuration"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json that Hugging Face reads; non-standard layers mark it as `llamaLadder`."""
@@ -166,6 +159,19 @@ class LadderConfig:
             if any(s not in (Schedule.STANDARD, Schedule.LADDER) for s in self.schedules):
                 out["residual_schedules"] = [s.value for s in self.schedules]
         return out
+
+
+def read_json_object(file: Path, what: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A JSON object from `file`; `error` names the file and what it should have held."""
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise error(f"{file}: no such file ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{file}: expected a JSON object ({what})")
+    return raw
 
 
 def schedules_from_fields(
