@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -519,7 +519,6 @@ class RunPlan:
     data: TokenSplit
     total_steps: int
     resume_from: Path | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 class MetricsLog:
@@ -571,7 +570,7 @@ def train_on_rank(run: RunPlan) -> dict[str, Any]:
 
     if start == 0 and settings.eval_every:
         validate(0)
-    began = time.perf_counter()
+    train_seconds = 0.0  # optimizer steps only: evaluation and checkpoints are not counted
     result: dict[str, float] = {}
     for step in range(start + 1, run.total_steps + 1):
         first = (step - 1) * settings.sequences_per_step
@@ -579,9 +578,10 @@ def train_on_rank(run: RunPlan) -> dict[str, Any]:
         for a in range(settings.grad_accum):
             offset = first + (a * settings.dp + comm.data_parallel_rank()) * settings.batch_size
             micro.append(train.batch(order.indices(offset, settings.batch_size)))
+        began = time.perf_counter()
         result = trainer.step(micro)
-        elapsed = time.perf_counter() - began
-        speed = (step - start) * tokens_per_step / elapsed
+        train_seconds += time.perf_counter() - began
+        speed = (step - start) * tokens_per_step / train_seconds
         metrics.write({"step": step, **result, "tokens": step * tokens_per_step, "tokens_per_second": speed})
         bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{speed:.0f}", refresh=False)
         bar.update()
@@ -591,7 +591,6 @@ def train_on_rank(run: RunPlan) -> dict[str, Any]:
             save_training_state(settings.run_dir, step, trainer,
                                 {"tp": settings.tp, "dp": settings.dp, "data_position": step * settings.sequences_per_step})
     bar.close()
-    train_seconds = time.perf_counter() - began
     val_loss = validate(run.total_steps)
     merge_adapters(model)
     state = gather_full_state(model) if comm.data_parallel_rank() == 0 else None
