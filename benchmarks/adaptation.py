@@ -3,7 +3,7 @@
     python -m benchmarks.adaptation [--checkpoint CONVERTED_SMOLLM2] [--steps N ...]
 
 Validation perplexity (float32, on the last 10% of the book's tokens; training reads the first
-90%) of
+90%; the book is the text between Project Gutenberg's START and END markers, without the licence) of
   (1) the original model,
   (2) the same weights with the upper half of the layers turned into ladder layers, untrained,
   (3) that hybrid after fine-tuning,
@@ -37,6 +37,16 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
+def book_text(source: Path, work: Path) -> Path:
+    """The novel alone: Project Gutenberg's header and licence would otherwise be most of validation."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("*** START OF")), 0)
+    end = next((i for i, line in enumerate(lines) if line.startswith("*** END OF")), len(lines))
+    book = work / f"{source.stem}.book.txt"
+    book.write_text("".join(lines[start:end]).strip() + "\n", encoding="utf-8")
+    return book
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="converted SmolLM2 (default: convert the GGUF)")
     parser.add_argument("--data", type=Path, default=BOTCHAN)
@@ -67,13 +77,16 @@ def timed(what: str, fn: Any) -> tuple[Any, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     began = time.perf_counter()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ladder-adaptation-"))
+    work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint = work / "smollm2"
         timed("converting the SmolLM2 GGUF", lambda: convert(smollm2_gguf(), checkpoint, force=True))
 
+    data = book_text(args.data, work)
+
     def settings(out: str, ladder_layers: str | None) -> Settings:
-        return Settings(checkpoint, [args.data], work / out, ladder_layers=ladder_layers, seq_len=args.seq_len,
+        return Settings(checkpoint, [data], work / out, ladder_layers=ladder_layers, seq_len=args.seq_len,
                         batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=args.lr,
                         warmup_steps=args.warmup_steps, lora_rank=args.lora_rank, dtype=args.dtype,
                         seed=args.seed, val_fraction=0.1, threads=args.threads, force=True)

@@ -165,8 +165,10 @@ def read_json_object(file: Path, what: str, error: type[Exception] = ConfigError
     """A JSON object from `file`; `error` names the file and what it should have held."""
     try:
         raw = json.loads(file.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise error(f"{file}: no such file ({what})") from None
+    except OSError as exc:
+        raise error(f"{file}: cannot be read ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
