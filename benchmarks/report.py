@@ -28,9 +28,10 @@ from benchmarks.workload import SHAPES, ModelSource, Plan, Run, Samples
 from ladder import distributed as comm
 
 PLACEMENTS = {
-    "unpinned, 1 thread/rank (default)": comm.Placement(),
-    "pinned, 1 core/rank": comm.Placement(pin=True),
-    "unpinned, 2 threads/rank": comm.Placement(threads=2),
+    "unpinned, 1 thread/rank, real-time gloo threads (default)": comm.Placement(),
+    "unpinned, 1 thread/rank, normal-priority gloo threads": comm.Placement(realtime_communication=False),
+    "pinned, 1 core/rank, real-time gloo threads": comm.Placement(pin=True),
+    "unpinned, 2 threads/rank, real-time gloo threads": comm.Placement(threads=2),
 }
 
 

@@ -82,11 +82,25 @@ def run_session(spec: SessionSpec) -> dict[str, Any]:
                 for name in ("standard", "ladder") if name in variants} if spec.profile else None)
     return {
         "rank": rank, "world": world, "threads": torch.get_num_threads(),
-        "cores": sorted(os.sched_getaffinity(0)), "pid": os.getpid(),
+        "cores": sorted(os.sched_getaffinity(0)), "pid": os.getpid(), "gloo_threads": gloo_thread_policies(),
         "streamed_bytes": streamed_bytes(base), "resident_bytes_after_load": resident,
         "peak_rss_bytes": peak_rss_bytes(),
         "samples": samples, "unavailable": unavailable, "profile": profile,
     }
+
+
+def gloo_thread_policies() -> dict[str, str]:
+    """Scheduling policy of each gloo thread of this process (to record whether they ran real-time)."""
+    names = {os.SCHED_OTHER: "normal", os.SCHED_FIFO: "fifo", os.SCHED_RR: "rr"}
+    policies = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            if "gloo" in name:
+                policies[f"{name}:{task.name}"] = names.get(os.sched_getscheduler(int(task.name)), "other")
+        except OSError:
+            continue
+    return policies
 
 
 def _checked(runner: Runner, vocab: int) -> Runner:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from ladder import distributed as comm
@@ -40,7 +39,8 @@ def rope_inverse_frequencies(config: LadderConfig) -> torch.Tensor:
 class StepContext:
     """What every attention layer needs for one forward, computed once per forward.
 
-    `cos`/`sin` are the rotary tables at each token's own position ([batch, 1, tokens, head_dim]);
+    `cos`/`sin` are the rotary tables at each token's own position ([batch, 1, tokens, head_dim]),
+    `sin` with its first half negated, the sign that "rotate half" needs (see `rotate`);
     `mask` is a boolean [batch, 1, tokens, keys] mask, or None for plain causal attention over the
     tokens themselves (or, in a one-token decode step, over the whole cache); `slot` is where the
     tokens go in the KV cache, None when there is no cache.
@@ -52,10 +52,13 @@ class StepContext:
     slot: int | None
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in Hugging Face's "rotate half" layout."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in Hugging Face's "rotate half" layout: x * cos + cat(-x2, x1) * sin.
+
+    Rolling x by half its width gives cat(x2, x1); the sign lives in `signed_sin` = cat(-sin, sin),
+    which saves the split, the negation and the concatenation on every call.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class KVCache(nn.Module):
@@ -93,9 +96,11 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        batch, tokens, _ = x.shape
+        heads = (batch, tokens, -1, self.head_dim)
+        q = self.q_proj(x).view(heads).transpose(1, 2)  # [b, h, t, d]
+        k = self.k_proj(x).view(heads).transpose(1, 2)
+        v = self.v_proj(x).view(heads).transpose(1, 2)
         q, k = rotate(q, step.cos, step.sin), rotate(k, step.cos, step.sin)
         if self.cache is not None and step.slot is not None:
             k, v = self.cache.update(step.slot, k, v)
@@ -104,7 +109,7 @@ class Attention(nn.Module):
         causal = step.mask is None and q.shape[2] > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=causal,
                                              enable_gqa=self.uniform_groups and self.n_kv_heads < self.n_heads)
-        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
 class MLP(nn.Module):

@@ -99,8 +99,7 @@ class LadderForCausalLM(nn.Module):
         positions = slots.expand(batch, tokens)
         if padding is not None:
             positions = (positions - padding[:, None]).clamp(min=0)
-        angles = positions[..., None].float() * self.inv_freq
-        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+        angles = (positions[..., None].float() * self.inv_freq).unsqueeze(1)
         dtype = self.lm_head.weight.dtype
         mask = None
         if padding is not None or (tokens > 1 and start > 0):
@@ -110,7 +109,8 @@ class LadderForCausalLM(nn.Module):
                 # Padding queries attend to themselves only, so their rows stay finite.
                 mask = (mask & (keys >= padding[:, None, None])) | (keys == slots[:, None])
             mask = mask.expand(batch, tokens, start + tokens).unsqueeze(1)
-        return StepContext(angles.cos().to(dtype), angles.sin().to(dtype), mask, slot)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        return StepContext(torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1), mask, slot)
 
     def forward(self, ids: torch.Tensor, slot: int | None = None,
                 padding: torch.Tensor | None = None) -> torch.Tensor:

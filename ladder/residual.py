@@ -29,9 +29,10 @@ from ladder.layers import DecoderLayer, StepContext
 
 
 def _settle(x: torch.Tensor, *pending: comm.Pending | None) -> torch.Tensor:
+    """x plus the reduced outputs; in place when autograd is off (decode), saving an allocation per add."""
     for reduction in pending:
         if reduction is not None:
-            x = x + reduction.wait()
+            x = x + reduction.wait() if torch.is_grad_enabled() else x.add_(reduction.wait())
     return x
 
 
