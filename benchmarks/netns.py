@@ -55,7 +55,7 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 class SlowLink:
     """Context manager owning the two namespaces; `rate=None` leaves the veth pair unthrottled."""
 
-    rate: str | None = "100mbit"
+    rate: str | None = "20mbit"
     burst: str = "32kb"
     queue_latency: str = "400ms"
 

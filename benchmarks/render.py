@@ -53,10 +53,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{' / '.join(f'{x:.2f}' for x in report['load_after'])}. Wall time {report['wall_seconds']:.0f} s.",
         "",
         f"Method: per (shape, TP) one launch; all variants hold the same weights and are measured interleaved "
-        f"(A B C D, {plan['repeats']} rounds per batch size after a warm-up); each run generates "
+        f"(A B C D, {plan['repeats']} rounds per batch size after a warm-up; at most 3 when the TP size oversubscribes the cores); each run generates "
         f"{plan['new_tokens']} tokens greedily after a {plan['prompt_tokens']}-token prompt; figures are medians "
         f"over rounds of each run's mean decode step. Prefill: a {plan['prefill_tokens']}-token prompt, batch 1, "
-        f"{plan['prefill_repeats']} rounds. Blocked = time inside `Pending.wait` per decode step, per rank.",
+        f"{plan['prefill_repeats']} rounds. Blocked = time per decode step spent waiting on communication (`Pending.wait` and the blocking all-gather that picks the next token), per rank.",
         "",
         *_targets(report),
         "## Memory-bandwidth roofline",

@@ -136,7 +136,8 @@ def _failed(op: str, exc: Exception) -> CommunicationError:
 
 
 class WaitClock:
-    """Seconds this process spent blocked in `Pending.wait`, counted only while `enabled`.
+    """Seconds this process spent blocked on communication, counted only while `enabled`: in
+    `Pending.wait` and in the blocking `all_reduce` and `all_gather` (e.g. choosing the next token).
 
     Benchmarks switch it on to see how much communication a schedule leaves exposed; off (the
     default) it costs one attribute check per wait.
@@ -190,11 +191,14 @@ def all_reduce_start(tensor: torch.Tensor) -> Pending:
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max) across ranks, in place, blocking."""
     if world_size() > 1:
+        started = time.perf_counter()
         try:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
                             group=_tensor_group)
         except Exception as exc:
             raise _failed(f"all_reduce({op})", exc) from exc
+        if WaitClock.enabled:
+            WaitClock.seconds += time.perf_counter() - started
     return tensor
 
 
@@ -204,10 +208,13 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.unsqueeze(0)
     flat = tensor.reshape(1, -1).contiguous()
     out = flat.new_empty((world_size(), flat.shape[1]))
+    started = time.perf_counter()
     try:
         dist.all_gather_single(out, flat, group=_tensor_group)
     except Exception as exc:
         raise _failed("all_gather", exc) from exc
+    if WaitClock.enabled:
+        WaitClock.seconds += time.perf_counter() - started
     return out.view(world_size(), *tensor.shape)
 
 
