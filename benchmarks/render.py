@@ -229,7 +229,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for s in report["sessions"]:
         eff = {b: e for b, e in s["overlap_efficiency"].items() if e is not None}
         if eff:
@@ -241,7 +241,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     ax.axhline(PAPER_OVERLAP_EFFICIENCY, color="gray", linestyle="dashed", label="paper (70B, TP=8, H100)")
     ax.set_xlabel("batch")
     ax.set_ylabel("overlap efficiency (T_std - T_ladder) / (T_std - T_ub)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     written.append(out / "overlap_efficiency.png")
     fig.savefig(written[-1], dpi=110)
