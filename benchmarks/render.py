@@ -9,6 +9,15 @@ PAPER_OVERLAP_EFFICIENCY = 0.72  # DESIGN.md section 6: 70B, TP=8, H100, batch 1
 ORDER = ("standard", "ladder", "parallel", "upper-bound", "hf-transformers", "pytorch-tp")
 
 
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -224,10 +233,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("decode tokens/s, batch 1")
         ax.set_title(f"{shape} (* = oversubscribed)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "decode_tokens_per_s.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out / "decode_tokens_per_s.png"))
 
     fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for s in report["sessions"]:
@@ -242,10 +248,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel("batch")
     ax.set_ylabel("overlap efficiency (T_std - T_ladder) / (T_std - T_ub)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    written.append(out / "overlap_efficiency.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out / "overlap_efficiency.png"))
 
     runs = report.get("slow_link", {}).get("runs", [])
     if runs:
@@ -259,8 +262,5 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("decode tokens/s, batch 1, TP=2")
         ax.set_title(f"{runs[0]['shape']}: one rank per network namespace")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "slow_link.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out / "slow_link.png"))
     return written
