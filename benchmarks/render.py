@@ -70,11 +70,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         *_targets(report),
         "## Memory-bandwidth roofline",
         "",
-        "| threads | fp32 matrix-vector GB/s |",
-        "|---|---|",
+        "| threads | fp32 matrix-vector GB/s, weight [out, in] in memory | weight [in, out] in memory (the model's) |",
+        "|---|---|---|",
     ]
-    lines += [f"| {t} | {bw} |" for t, bw in report["bandwidth_gb_s"].items()]
-    lines += ["", "Roofline tokens/s = bandwidth of the cores the ranks use / weight bytes all ranks stream per token.", ""]
+    lines += [f"| {t} | {bw['out-major']} | {bw['in-major']} |" for t, bw in report["bandwidth_gb_s"].items()]
+    lines += ["", "Roofline tokens/s = the faster layout's bandwidth on the cores the ranks use / weight bytes all "
+              "ranks stream per token.", ""]
     for shape in dict.fromkeys(s["shape"] for s in report["sessions"]):
         sessions = [s for s in report["sessions"] if s["shape"] == shape]
         checkpoint = sessions[0]["checkpoint"]

@@ -22,6 +22,7 @@ from benchmarks.session import SessionSpec, run_session
 from benchmarks.workload import SCHEDULES, ModelSource, Plan, ladder_runner, make_prompts, schedule_variants
 from ladder import distributed as comm
 from ladder.generate import Sampling, choose_next
+from ladder.layers import input_major
 
 SHAPE = os.environ.get("LADDER_BENCH_SHAPE", "smollm2-135m")
 CHECKPOINT = os.environ.get("LADDER_BENCH_CHECKPOINT")
@@ -39,12 +40,16 @@ def variants(source: ModelSource) -> dict[str, Any]:
     return schedule_variants(source.load(0, 1))
 
 
+@pytest.mark.parametrize("layout", ["out-major", "in-major"])
 @pytest.mark.parametrize("threads", range(1, len(os.sched_getaffinity(0)) + 1))
-def test_matvec_bandwidth(benchmark: Any, threads: int) -> None:
-    matrix, vector = torch.randn(16384, 4096), torch.randn(4096)
+def test_matvec_bandwidth(benchmark: Any, threads: int, layout: str) -> None:
+    """One row times a 256 MB weight, stored [out, in] (PyTorch's default) or [in, out] (the model's)."""
+    matrix, vector = torch.randn(16384, 4096), torch.randn(1, 4096)
+    if layout == "in-major":
+        matrix = input_major(matrix)
     torch.set_num_threads(threads)
     try:
-        benchmark.pedantic(torch.mv, (matrix, vector), rounds=15, warmup_rounds=2)
+        benchmark.pedantic(torch.nn.functional.linear, (vector, matrix), rounds=15, warmup_rounds=2)
     finally:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     benchmark.extra_info["gb_per_s"] = matrix.numel() * 4 / benchmark.stats.stats.median / 1e9

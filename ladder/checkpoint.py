@@ -62,7 +62,8 @@ def full_shapes(config: LadderConfig) -> dict[str, torch.Size]:
 def read_shard(files: dict[str, Path], model: LadderForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """This rank's part of every tensor `model` holds, read lazily and checked against the config."""
     expected_full = full_shapes(model.config)
-    wanted = [n for n in model.state_dict() if not (model.config.tie_word_embeddings and n == "lm_head.weight")]
+    own = model.state_dict()
+    wanted = [n for n in own if not (model.config.tie_word_embeddings and n == "lm_head.weight")]
     missing = [n for n in wanted if n not in files]
     if missing:
         raise CheckpointError(f"{next(iter(files.values())).parent}: missing tensor(s) "
@@ -94,7 +95,8 @@ def read_shard(files: dict[str, Path], model: LadderForCausalLM, dtype: torch.dt
                     view = lazy[part.start:part.stop]
                 else:
                     view = lazy[:, part.start:part.stop]
-                shard[name] = torch.empty(view.shape, dtype=dtype).copy_(view)
+                # In the model's own memory layout (see layers.input_major), so no copy is made later.
+                shard[name] = torch.empty_strided(view.shape, own[name].stride(), dtype=dtype).copy_(view)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
     return shard

@@ -12,7 +12,14 @@ from torch import nn
 
 from ladder import distributed as comm
 from ladder.config import LadderConfig
-from ladder.layers import DecoderLayer, KVCache, StepContext, VocabParallelEmbedding, rope_inverse_frequencies
+from ladder.layers import (
+    DecoderLayer,
+    KVCache,
+    StepContext,
+    VocabParallelEmbedding,
+    input_major,
+    rope_inverse_frequencies,
+)
 from ladder.residual import residual_stream
 from ladder.sharding import ShardPlan, even_range
 
@@ -47,6 +54,9 @@ class LadderForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, len(self.plan.vocab), bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, nn.Linear):  # a tied head lays out the embedding too
+                module.weight.data = input_major(module.weight.data)
         self.inv_freq = rope_inverse_frequencies(config)  # fp32 whatever the weights' dtype
         self.cache_length = 0
 
