@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -139,6 +140,12 @@ def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], pla
             summary = summarize(placement_shape, spec.source, ranks, report["bandwidth_gb_s"])
             report["placements"].append({"placement": label} | summary)
 
+    report["collective_cost"] = {}
+    if 2 in tps:
+        config = sources[placement_shape].config()
+        report["collective_cost"] = {
+            "shape": placement_shape, "layers": config.num_hidden_layers,
+            "ranks": comm.launch(collective_cost, 2, config.hidden_size, quick=args.quick)}
     report["slow_link"] = (slow_link(args, placement_shape, sources[placement_shape], plan) if 2 in tps
                            else {"skipped": "TP=2 not requested"})
     report["load_after"] = os.getloadavg()
@@ -164,6 +171,42 @@ def slow_link(args: argparse.Namespace, shape: str, source: ModelSource, plan: P
             ranks = link.run_session(spec)
         runs.append({"link": link.describe()} | summarize(shape, source, ranks, {}))
     return {"runs": runs}
+
+
+def collective_cost(hidden: int, quick: bool = False) -> dict[str, float]:
+    """What one all-reduce of a batch-1 hidden vector costs this rank: latency, and CPU time.
+
+    The CPU time is measured with the calling thread asleep while the reduction runs, so all of it
+    is gloo's (its worker and TCP-loop threads handing the message along) plus the launch and wait.
+    On cores that are all busy computing, that time cannot overlap with anything: it bounds the
+    share of communication any schedule can hide.
+    """
+    calls, nap = (50 if quick else 500), 0.001
+    tensor = torch.randn(1, hidden)
+
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    latencies = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        comm.all_reduce_start(tensor).wait()
+        latencies.append(time.perf_counter() - started)
+    comm.barrier()
+    idle_started = cpu_seconds()
+    for _ in range(calls):
+        time.sleep(nap)
+    idle = cpu_seconds() - idle_started
+    comm.barrier()
+    busy_started = cpu_seconds()
+    for _ in range(calls):
+        pending = comm.all_reduce_start(tensor)
+        time.sleep(nap)
+        pending.wait()
+    busy = cpu_seconds() - busy_started
+    return {"latency_us": round(1e6 * statistics.median(latencies), 1),
+            "cpu_us": round(1e6 * (busy - idle) / calls, 1), "floats": hidden}
 
 
 # --- measurements made in this process --------------------------------------------------------------
@@ -250,6 +293,7 @@ def summarize(shape: str, source: ModelSource, ranks: list[dict[str, Any]],
         "streamed_mb_per_rank": [round(r["streamed_bytes"] / 2**20, 1) for r in ranks],
         "variants": variants, "speedup_vs_standard": speedup,
         "overlap_efficiency": overlap_efficiency(variants) if world > 1 else {},
+        "hidden_wait_share": hidden_wait_share(variants) if world > 1 else {},
         "unavailable": lead["unavailable"], "profile": [r["profile"] for r in ranks if r["profile"]],
     }
     if bandwidth:
@@ -263,6 +307,17 @@ def summarize(shape: str, source: ModelSource, ranks: list[dict[str, Any]],
 
 def _blocked(runs: list[Run]) -> list[float]:
     return [r.blocked_s_per_token for r in runs]
+
+
+def hidden_wait_share(variants: dict[str, Any]) -> dict[int, float | None]:
+    """1 - blocked(ladder) / blocked(standard) per batch (means over ranks): the share of the time a
+    standard model spends waiting on communication that the ladder takes off the critical path.
+    Unlike the overlap efficiency it leaves out the CPU time communication costs (`collective_cost`)."""
+    if not all(n in variants for n in ("standard", "ladder")):
+        return {}
+    std, lad = (variants[n]["blocked_ms_per_token"] for n in ("standard", "ladder"))
+    return {b: round(1 - statistics.mean(lad[b]) / statistics.mean(std[b]), 3) if statistics.mean(std[b]) > 0
+            else None for b in std}
 
 
 def overlap_efficiency(variants: dict[str, Any]) -> dict[int, float | None]:

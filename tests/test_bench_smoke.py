@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import netns
-from benchmarks.report import overlap_efficiency
+from benchmarks.report import hidden_wait_share, overlap_efficiency
 from ladder import distributed as comm
 from ladder.cli import main
 
@@ -50,6 +50,11 @@ def test_quick_report_measures_every_variant_at_tp1_and_tp2(quick_report: tuple[
     assert profile[0]["standard"]["wall"] >= profile[0]["standard"]["matmul"] > 0
     assert report["slow_link"] == {"skipped": "--slow-link-rate off"}
     assert set(report["bandwidth_gb_s"]) == {str(t) for t in range(1, report["machine"]["cores"] + 1)}
+    assert all(set(bw) == {"out-major", "in-major"} and min(bw.values()) > 0 for bw in report["bandwidth_gb_s"].values())
+    assert set(by_tp[2]["hidden_wait_share"]) == {"1", "2"} and by_tp[1]["hidden_wait_share"] == {}
+    cost = report["collective_cost"]
+    assert cost["layers"] == 2 and len(cost["ranks"]) == 2
+    assert all(r["latency_us"] > 0 and r["cpu_us"] > 0 for r in cost["ranks"])
 
 
 def test_quick_report_writes_markdown_and_png_plots(quick_report: tuple[Path, dict[str, Any]]) -> None:
@@ -58,6 +63,7 @@ def test_quick_report_writes_markdown_and_png_plots(quick_report: tuple[Path, di
     assert "| TP | variant | decode ms/token b=1 |" in markdown
     assert "| 2 | ladder |" in markdown and "| 1 | hf-transformers |" in markdown
     assert "Slow interconnect" in markdown and "Skipped: --slow-link-rate off" in markdown
+    assert "What one collective costs at TP=2" in markdown and "| 1 |" in markdown.split("What one collective")[1]
     for name in ("decode_tokens_per_s.png", "overlap_efficiency.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -70,6 +76,15 @@ def test_overlap_efficiency_is_the_share_of_communication_hidden() -> None:
                 "upper-bound": decode({1: 22.0, 4: 40.0})}
     assert overlap_efficiency(variants) == {1: 0.75, 4: None}  # nothing to hide at batch 4
     assert overlap_efficiency({"standard": decode({1: 1.0})}) == {}
+
+
+def test_hidden_wait_share_compares_mean_blocked_time_over_ranks() -> None:
+    def blocked(per_batch: dict[int, list[float]]) -> dict[str, Any]:
+        return {"blocked_ms_per_token": per_batch}
+
+    variants = {"standard": blocked({1: [8.0, 12.0], 4: [0.0, 0.0]}), "ladder": blocked({1: [1.0, 1.5], 4: [0.0, 0.0]})}
+    assert hidden_wait_share(variants) == {1: 0.875, 4: None}  # nothing blocked at batch 4
+    assert hidden_wait_share({"standard": variants["standard"]}) == {}
 
 
 class _SlowWork:

@@ -87,3 +87,17 @@ def test_checkpoint_loads_same_logits_at_any_rank(checkpoint: Path) -> None:
             if part is not None:
                 expected = expected.narrow(part.dim, part.start, part.stop - part.start)
             torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
+
+
+def test_weights_are_stored_input_major_however_built(checkpoint: Path) -> None:
+    """Every projection multiplies x by a contiguous [in, out] matrix (the fast decode layout), whether
+    the model was loaded (at TP=1 and as a shard) or built fresh; tied head and embedding stay one tensor."""
+    built = [ladder.from_pretrained(checkpoint), ladder.from_pretrained(checkpoint, rank=1, world=3)]
+    built.append(ladder.LadderForCausalLM(built[0].config))
+    for model in built:
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 7 * model.config.num_hidden_layers + 1
+        for linear in linears:
+            assert linear.weight.t().is_contiguous() and not linear.weight.is_contiguous()
+        if model.config.tie_word_embeddings:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
