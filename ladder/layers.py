@@ -39,7 +39,7 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
     """The same [out, in] weight with its memory laid out [in, out] (works on the meta device too).
 
     `F.linear(x, w)` multiplies x by `w.t()`; with this layout that is a contiguous matrix, and MKL's
-    one-row product (batch-1 decode) streams it about 1.6x faster than the [out, in] layout on this
+    one-row product (batch-1 decode) streams it 1.3-2x faster than the [out, in] layout on this
     kind of machine (`benchmarks/test_decode.py::test_matvec_bandwidth`, `ladder bench`).
     """
     return weight.t().contiguous().t()
