@@ -140,12 +140,10 @@ def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], pla
             summary = summarize(placement_shape, spec.source, ranks, report["bandwidth_gb_s"])
             report["placements"].append({"placement": label} | summary)
 
-    report["collective_cost"] = {}
-    if 2 in tps:
-        config = sources[placement_shape].config()
-        report["collective_cost"] = {
-            "shape": placement_shape, "layers": config.num_hidden_layers,
-            "ranks": comm.launch(collective_cost, 2, config.hidden_size, quick=args.quick)}
+    config = sources[placement_shape].config()
+    report["collective_cost"] = ({"shape": placement_shape, "layers": config.num_hidden_layers,
+                                  "ranks": comm.launch(collective_cost, 2, config.hidden_size, quick=args.quick)}
+                                 if 2 in tps else {})
     report["slow_link"] = (slow_link(args, placement_shape, sources[placement_shape], plan) if 2 in tps
                            else {"skipped": "TP=2 not requested"})
     report["load_after"] = os.getloadavg()
