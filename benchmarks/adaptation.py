@@ -1,6 +1,6 @@
 """The paper's adaptation result in miniature, on the real SmolLM2-135M and Botchan (opt-in, slow).
 
-    python -m benchmarks.adaptation [--checkpoint CONVERTED_SMOLLM2] [--steps N ...]
+    python -m ladder_benchmarks.adaptation [--checkpoint CONVERTED_SMOLLM2] [--steps N ...]
 
 Validation perplexity (float32, on the last 10% of the book's tokens; training reads the first
 90%; the book is the text between Project Gutenberg's START and END markers, without the licence) of
@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conversion.convert import convert
-from ladder.train import Settings, finetune, validation_loss
+from ladder.finetune import Settings, finetune, validation_loss
+from ladder.finetune.settings import COMPUTE_DTYPES
+from ladder_conversion.convert import convert
 
 BOTCHAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "botchan.txt"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="training compute")
+    parser.add_argument("--dtype", default="bfloat16", choices=COMPUTE_DTYPES, help="training compute")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, help="also write the results here")
@@ -134,7 +135,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.adaptation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ladder_benchmarks.adaptation", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
 

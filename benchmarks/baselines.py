@@ -1,9 +1,9 @@
 """External baselines on the very same weights: Hugging Face transformers (TP=1) and PyTorch's own
-tensor parallelism (DTensor `parallelize_module`, Megatron plan, on gloo).
+tensor parallelism (DTensor `parallelize_module`, Megatron-style column/row split, on gloo).
 
-The PyTorch-TP baseline is the one place outside `ladder/distributed.py` that touches
-`torch.distributed`: it *is* PyTorch's distributed API, measured for comparison. It joins the
-process group the benchmark's ranks already share.
+The PyTorch-TP baseline is the one place outside `ladder/comm.py` that touches `torch.distributed`:
+it *is* PyTorch's distributed API, measured for comparison. It joins the process group the
+benchmark's ranks already share.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.workload import Runner
-from ladder import distributed as comm
-from ladder.config import LadderConfig, Schedule
+from ladder import comm
+from ladder.config import LadderConfig
+
+from .workload import Runner
 
 
 class BaselineUnavailable(RuntimeError):
@@ -25,7 +26,7 @@ def hf_model(config: LadderConfig, state_dict: dict[str, torch.Tensor]) -> torch
     """transformers' LlamaForCausalLM (fp32, its default SDPA attention) holding these weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fields = config.with_schedules([Schedule.STANDARD] * config.num_hidden_layers).to_dict()
+    fields = config.all_standard().to_dict()
     model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
@@ -64,7 +65,7 @@ def hf_runner(model: torch.nn.Module) -> Runner:
 
 
 def pytorch_tp_obstacle(config: LadderConfig, world: int) -> str | None:
-    """Why DTensor's plan cannot split this model over `world` ranks, or None if it can."""
+    """Why DTensor's column/row split cannot divide this model over `world` ranks, or None if it can."""
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if heads % world or kv_heads % world:
         return (f"PyTorch's ColwiseParallel shards q/k/v rows evenly (DTensor Shard(0)); {heads} query heads and "
@@ -74,7 +75,7 @@ def pytorch_tp_obstacle(config: LadderConfig, world: int) -> str | None:
 
 def pytorch_tp_model(config: LadderConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """transformers' Llama split by DTensor's ColwiseParallel/RowwiseParallel over every rank."""
-    world = comm.world_size()
+    world = comm.tp_size()
     obstacle = pytorch_tp_obstacle(config, world)
     if obstacle:
         raise BaselineUnavailable(obstacle)
@@ -83,13 +84,13 @@ def pytorch_tp_model(config: LadderConfig, state_dict: dict[str, torch.Tensor]) 
 
     model = hf_model(config, state_dict)
     mesh = init_device_mesh("cpu", (world,))
-    plan = {}
+    styles = {}
     for i in range(config.num_hidden_layers):
         for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-            plan[f"model.layers.{i}.{leaf}"] = ColwiseParallel()
+            styles[f"model.layers.{i}.{leaf}"] = ColwiseParallel()
         for leaf in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[f"model.layers.{i}.{leaf}"] = RowwiseParallel()
-    return parallelize_module(model, mesh, plan)
+            styles[f"model.layers.{i}.{leaf}"] = RowwiseParallel()
+    return parallelize_module(model, mesh, styles)
 
 
 def agree_everywhere(ok: bool) -> bool:

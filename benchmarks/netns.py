@@ -22,7 +22,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from benchmarks.session import SessionSpec
+from ladder.comm import TRANSPORT_ENV
+
+from .session import SessionSpec
 
 NAMESPACES = ("ladder-bench-0", "ladder-bench-1")
 DEVICES = ("lbveth0", "lbveth1")
@@ -114,11 +116,12 @@ class SlowLink:
             for node, (ns, dev) in enumerate(zip(NAMESPACES, DEVICES, strict=True)):
                 log = open(out / f"node{node}.log", "w")  # noqa: SIM115 - closed below
                 logs.append(log)
-                command = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}",
+                # gloo over the veth link: the ranks share this host, and shared memory would bypass it.
+                command = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}", f"{TRANSPORT_ENV}=gloo",
                            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                            "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", ADDRESSES[0],
                            "--master-port", str(MASTER_PORT), "--max-restarts", "0",
-                           "-m", "benchmarks.session", str(spec_file), str(out)]
+                           "-m", "ladder_benchmarks.session", str(spec_file), str(out)]
                 procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
             deadline = time.monotonic() + timeout_s
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PAPER_OVERLAP_EFFICIENCY = 0.72  # DESIGN.md section 6: 70B, TP=8, H100, batch 1
+PAPER_OVERLAP_EFFICIENCY = 0.72  # the Ladder-Residual paper's: 70B, TP=8, H100, batch 1
 ORDER = ("standard", "ladder", "parallel", "upper-bound", "hf-transformers", "pytorch-tp")
 
 
@@ -51,8 +51,8 @@ def _session_rows(session: dict[str, Any], batches: list[int]) -> list[str]:
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:
-    machine, plan = report["machine"], report["plan"]
-    batches = list(plan["batches"])
+    machine, workload = report["machine"], report["workload"]
+    batches = list(workload["batches"])
     lines = [
         "# Ladder benchmark",
         "",
@@ -62,10 +62,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{' / '.join(f'{x:.2f}' for x in report['load_after'])}. Wall time {report['wall_seconds']:.0f} s.",
         "",
         f"Method: per (shape, TP) one launch; all variants hold the same weights and are measured interleaved "
-        f"(A B C D, {plan['repeats']} rounds per batch size after a warm-up; at most 3 when the TP size oversubscribes the cores); each run generates "
-        f"{plan['new_tokens']} tokens greedily after a {plan['prompt_tokens']}-token prompt; figures are medians "
-        f"over rounds of each run's mean decode step. Prefill: a {plan['prefill_tokens']}-token prompt, batch 1, "
-        f"{plan['prefill_repeats']} rounds. Blocked = time per decode step spent waiting on communication (`Pending.wait` and the blocking all-gather that picks the next token), per rank.",
+        f"(A B C D, {workload['repeats']} rounds per batch size after a warm-up; at most 3 when the TP size oversubscribes the cores); each run generates "
+        f"{workload['new_tokens']} tokens greedily after a {workload['prompt_tokens']}-token prompt; figures are medians "
+        f"over rounds of each run's mean decode step. Prefill: a {workload['prefill_tokens']}-token prompt, batch 1, "
+        f"{workload['prefill_repeats']} rounds. Blocked = time per decode step spent waiting on communication (`Pending.wait` and the blocking all-gather that picks the next token), per rank.",
         "",
         *_targets(report),
         "## Memory-bandwidth roofline",
@@ -82,7 +82,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines += [f"## {shape} ({'checkpoint ' + checkpoint if checkpoint else 'random weights'})", ""]
         header = (["TP", "variant"] + [f"decode ms/token b={b}" for b in batches] + ["tokens/s b=1"]
                   + [f"speedup vs standard b={b}" for b in batches]
-                  + [f"prefill {plan['prefill_tokens']} ms", "e2e tokens/s b=1", "blocked ms/token b=1 (per rank)",
+                  + [f"prefill {workload['prefill_tokens']} ms", "e2e tokens/s b=1", "blocked ms/token b=1 (per rank)",
                      "of roofline b=1"])
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for session in sessions:

@@ -1,7 +1,7 @@
 """`ladder bench`: Standard vs Ladder vs Parallel vs upper bound, side by side, with the baselines.
 
 One launch per (shape, TP size) keeps its ranks alive while every variant of the same weights is
-measured interleaved (benchmarks/session.py). Around them, in the same run: the memory-bandwidth
+measured interleaved (`session.py`). Around them, in the same run: the memory-bandwidth
 roofline, the pinning/thread alternatives at TP=2, and the slow-interconnect mode. Writes
 `results.json`, `results.md` and PNG plots to `--out`.
 """
@@ -22,18 +22,22 @@ from typing import Any
 
 import torch
 
-from benchmarks import netns
-from benchmarks.render import write_markdown, write_plots
-from benchmarks.session import SessionSpec, run_session
-from benchmarks.workload import SHAPES, ModelSource, Plan, Run, Samples
-from ladder import distributed as comm
+from ladder import comm
+from ladder.launcher import Placement, launch
 from ladder.layers import input_major
 
+from . import netns
+from .render import write_markdown, write_plots
+from .session import SessionSpec, run_session
+from .workload import SHAPES, ModelSource, Run, Samples, Workload
+
+HELP = "benchmark Standard vs Ladder vs Parallel vs upper bound, with baselines"
+
 PLACEMENTS = {
-    "unpinned, 1 thread/rank, real-time gloo threads (default)": comm.Placement(),
-    "unpinned, 1 thread/rank, normal-priority gloo threads": comm.Placement(realtime_communication=False),
-    "pinned, 1 core/rank, real-time gloo threads": comm.Placement(pin=True),
-    "unpinned, 2 threads/rank, real-time gloo threads": comm.Placement(threads=2),
+    "unpinned, 1 thread/rank, real-time gloo threads (default)": Placement(),
+    "unpinned, 1 thread/rank, normal-priority gloo threads": Placement(realtime_communication=False),
+    "pinned, 1 core/rank, real-time gloo threads": Placement(pin=True),
+    "unpinned, 2 threads/rank, real-time gloo threads": Placement(threads=2),
 }
 
 
@@ -68,16 +72,17 @@ def run(args: argparse.Namespace) -> int:
         write_outputs(json.loads(args.render.read_text()), args.out)
         return 0
     if args.quick:
-        shapes, tps, plan = ["tiny"], [t for t in args.tp if t <= 2], Plan.quick()
+        shapes, tps, workload = ["tiny"], [t for t in args.tp if t <= 2], Workload.quick()
     else:
         shapes = [s for s in args.shapes.split(",") if s]
-        tps, plan = args.tp, Plan(batches=tuple(args.batches), repeats=args.repeats, new_tokens=args.new_tokens)
+        tps = args.tp
+        workload = Workload(batches=tuple(args.batches), repeats=args.repeats, new_tokens=args.new_tokens)
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ladder-bench-weights-") as weights:
-        report = measure_all(args, shapes, tps, plan, Path(weights))
+        report = measure_all(args, shapes, tps, workload, Path(weights))
     text = json.dumps(report, indent=1)
     (args.out / "results.json").write_text(text)
     write_outputs(json.loads(text), args.out)
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
 def write_outputs(report: dict[str, Any], out: Path) -> None:
     """Markdown and plots, always drawn from the JSON form (so `--render` gives the same result)."""
     report = _int_keys(report)
+    if "plan" in report:  # a results.json written before "plan" was renamed "workload"
+        report["workload"] = report.pop("plan")
     write_markdown(report, out / "results.md")
     plots = write_plots(report, out)
     print(f"wrote {out / 'results.md'}, {', '.join(str(p) for p in plots)}")
@@ -101,12 +108,13 @@ def _int_keys(value: Any) -> Any:
     return value
 
 
-def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], plan: Plan,
+def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], workload: Workload,
                 weights: Path) -> dict[str, Any]:
     """Everything, in one run; random weights are written once to `weights` as checkpoints."""
     started = time.time()
+    command = {name: value for name, value in vars(args).items() if not callable(value)}  # not the `run` hook
     report: dict[str, Any] = {"machine": machine(), "load_before": os.getloadavg(),
-                              "plan": dataclasses.asdict(plan), "command": vars(args) | {"out": str(args.out)}}
+                              "workload": dataclasses.asdict(workload), "command": command | {"out": str(args.out)}}
     report["bandwidth_gb_s"] = measure_bandwidth(quick=args.quick)
     print(f"matrix-vector bandwidth (GB/s by threads): {report['bandwidth_gb_s']}", flush=True)
 
@@ -121,37 +129,37 @@ def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], pla
                 continue
             print(f"--- {shape} TP={tp} ---", flush=True)
             oversubscribed = tp > len(os.sched_getaffinity(0))
-            session_plan = (dataclasses.replace(plan, repeats=min(plan.repeats, 3), prefill_repeats=1)
-                            if oversubscribed else plan)  # 2-3x slower per token: fewer rounds
-            spec = SessionSpec(source, session_plan, baselines=not args.no_baselines,
+            session_workload = (dataclasses.replace(workload, repeats=min(workload.repeats, 3), prefill_repeats=1)
+                                if oversubscribed else workload)  # slower per token when oversubscribed: fewer rounds
+            spec = SessionSpec(source, session_workload, baselines=not args.no_baselines,
                                profile=tp == 2 and not args.no_profile)
-            ranks = comm.launch(run_session, tp, spec, timeout_s=600)
+            ranks = launch(run_session, tp, spec, timeout_s=600)
             report["sessions"].append(summarize(shape, source, ranks, report["bandwidth_gb_s"]))
 
     placement_shape = shapes[0]
     report["placements"] = []
     if not args.no_placements and 2 in tps:
-        short = dataclasses.replace(plan, batches=(1,), prefill_repeats=0)
+        short = dataclasses.replace(workload, batches=(1,), prefill_repeats=0)
         spec = SessionSpec(sources[placement_shape], short, schedules=("standard", "ladder", "upper-bound"),
                            baselines=False)
         for label, placement in PLACEMENTS.items():
             print(f"--- placement: {label} ---", flush=True)
-            ranks = comm.launch(run_session, 2, spec, placement=placement, timeout_s=600)
+            ranks = launch(run_session, 2, spec, placement=placement, timeout_s=600)
             summary = summarize(placement_shape, spec.source, ranks, report["bandwidth_gb_s"])
             report["placements"].append({"placement": label} | summary)
 
     config = sources[placement_shape].config()
     report["collective_cost"] = ({"shape": placement_shape, "layers": config.num_hidden_layers,
-                                  "ranks": comm.launch(collective_cost, 2, config.hidden_size, quick=args.quick)}
+                                  "ranks": launch(collective_cost, 2, config.hidden_size, quick=args.quick)}
                                  if 2 in tps else {})
-    report["slow_link"] = (slow_link(args, placement_shape, sources[placement_shape], plan) if 2 in tps
+    report["slow_link"] = (slow_link(args, placement_shape, sources[placement_shape], workload) if 2 in tps
                            else {"skipped": "TP=2 not requested"})
     report["load_after"] = os.getloadavg()
     report["wall_seconds"] = time.time() - started
     return report
 
 
-def slow_link(args: argparse.Namespace, shape: str, source: ModelSource, plan: Plan) -> dict[str, Any]:
+def slow_link(args: argparse.Namespace, shape: str, source: ModelSource, workload: Workload) -> dict[str, Any]:
     """TP=2 with one rank per network namespace, first over the bare veth pair, then rate-limited."""
     if args.slow_link_rate == "off":
         return {"skipped": "--slow-link-rate off"}
@@ -159,8 +167,9 @@ def slow_link(args: argparse.Namespace, shape: str, source: ModelSource, plan: P
     if reason:
         print(f"slow-interconnect mode skipped: {reason}")
         return {"skipped": reason}
-    link_plan = dataclasses.replace(plan, batches=tuple(b for b in plan.batches if b <= 4), prefill_repeats=0)
-    spec = SessionSpec(source, link_plan, baselines=False)
+    link_workload = dataclasses.replace(workload, batches=tuple(b for b in workload.batches if b <= 4),
+                                        prefill_repeats=0)
+    spec = SessionSpec(source, link_workload, baselines=False)
     runs = []
     for rate in (None, args.slow_link_rate):
         link = netns.SlowLink(rate=rate)
@@ -320,7 +329,7 @@ def hidden_wait_share(variants: dict[str, Any]) -> dict[int, float | None]:
 
 def overlap_efficiency(variants: dict[str, Any]) -> dict[int, float | None]:
     """(T_standard - T_ladder) / (T_standard - T_upper_bound) per batch: the share of the exposed
-    communication that the ladder hides (DESIGN.md section 5). None when there is nothing to hide."""
+    communication that the ladder hides (the paper's overlap efficiency). None when there is nothing to hide."""
     needed = ("standard", "ladder", "upper-bound")
     if not all(n in variants for n in needed):
         return {}

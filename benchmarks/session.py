@@ -1,7 +1,7 @@
 """One benchmark session on one rank: load the weights once, build every variant, measure them interleaved.
 
-Run by `ladder.distributed.launch` (local ranks), or by torchrun as
-`python -m benchmarks.session SPEC OUT_DIR` (the slow-interconnect mode: one host per namespace).
+Run by `ladder.launcher.launch` (local ranks), or by torchrun as
+`python -m ladder_benchmarks.session SPEC OUT_DIR` (the slow-interconnect mode: one host per namespace).
 Every rank runs the same sequence of generations, so their collectives stay in lockstep.
 """
 
@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.baselines import (
+from ladder import comm
+from ladder.launcher import run
+from ladder.model import LadderForCausalLM
+
+from .baselines import (
     BaselineUnavailable,
     agree_everywhere,
     hf_model,
@@ -25,10 +29,11 @@ from benchmarks.baselines import (
     pytorch_tp_model,
     pytorch_tp_obstacle,
 )
-from benchmarks.workload import (
+from .timing import blocked_time
+from .workload import (
     ModelSource,
-    Plan,
     Runner,
+    Workload,
     interleaved,
     ladder_runner,
     make_prompts,
@@ -37,8 +42,6 @@ from benchmarks.workload import (
     schedule_variants,
     streamed_bytes,
 )
-from ladder import distributed as comm
-from ladder.model import LadderForCausalLM
 
 HF_BASELINE = "hf-transformers"
 TORCH_TP_BASELINE = "pytorch-tp"
@@ -47,7 +50,7 @@ TORCH_TP_BASELINE = "pytorch-tp"
 @dataclass(frozen=True)
 class SessionSpec:
     source: ModelSource
-    plan: Plan = field(default_factory=Plan)
+    workload: Workload = field(default_factory=Workload)
     schedules: tuple[str, ...] = ("standard", "ladder", "parallel", "upper-bound")
     baselines: bool = True
     profile: bool = False
@@ -55,7 +58,7 @@ class SessionSpec:
 
 def run_session(spec: SessionSpec) -> dict[str, Any]:
     """This rank's measurements (every rank returns its own; they ran in lockstep)."""
-    rank, world = comm.rank(), comm.world_size()
+    rank, world = comm.tp_rank(), comm.tp_size()
     log = print if rank == 0 else (lambda _: None)
     base = spec.source.load(rank, world)
     resident = resident_bytes()
@@ -77,8 +80,8 @@ def run_session(spec: SessionSpec) -> dict[str, Any]:
         else:
             unavailable[name] = error or "failed on another rank"
             log(f"{name} unavailable: {unavailable[name]}")
-    samples = interleaved(runners, spec.plan, base.config.vocab_size, log)
-    profile = ({name: profile_decode(variants[name], spec.plan, base.config.vocab_size)
+    samples = interleaved(runners, spec.workload, base.config.vocab_size, log)
+    profile = ({name: profile_decode(variants[name], spec.workload, base.config.vocab_size)
                 for name in ("standard", "ladder") if name in variants} if spec.profile else None)
     return {
         "rank": rank, "world": world, "threads": torch.get_num_threads(),
@@ -112,27 +115,26 @@ def _checked(runner: Runner, vocab: int) -> Runner:
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
-def profile_decode(model: LadderForCausalLM, plan: Plan, vocab: int) -> dict[str, float]:
+def profile_decode(model: LadderForCausalLM, workload: Workload, vocab: int) -> dict[str, float]:
     """Where a batch-1 decode step's time goes, per token, from torch.profiler (ms; the profiler's own
     overhead lands in `python_and_dispatch`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    steps = max(plan.new_tokens, 8)
-    prompts = make_prompts(1, plan.prompt_tokens, vocab)
+    steps = max(workload.new_tokens, 8)
+    prompts = make_prompts(1, workload.prompt_tokens, vocab)
     profiler = profile(activities=[ProfilerActivity.CPU])
     marks: list[tuple[float, float]] = []
+    with blocked_time() as blocked_clock:
 
-    def on_token() -> None:
-        marks.append((time.perf_counter(), comm.WaitClock.seconds))
-        if len(marks) == 1:
-            profiler.start()
+        def on_token() -> None:
+            marks.append((time.perf_counter(), blocked_clock.seconds))
+            if len(marks) == 1:
+                profiler.start()
 
-    comm.WaitClock.start()
-    try:
-        ladder_runner(model)(prompts, steps, on_token)
-    finally:
-        comm.WaitClock.stop()
-        profiler.stop()
+        try:
+            ladder_runner(model)(prompts, steps, on_token)
+        finally:
+            profiler.stop()
     decode_steps = len(marks) - 1
     wall = marks[-1][0] - marks[0][0]
     blocked = marks[-1][1] - marks[0][1]
@@ -154,16 +156,11 @@ def profile_decode(model: LadderForCausalLM, plan: Plan, vocab: int) -> dict[str
 
 
 def main(argv: list[str]) -> int:
-    """torchrun entry point: `python -m benchmarks.session SPEC.pkl OUT_DIR` on every node."""
+    """torchrun entry point: `python -m ladder_benchmarks.session SPEC.pkl OUT_DIR` on every node."""
     spec_file, out_dir = Path(argv[0]), Path(argv[1])
     spec: SessionSpec = pickle.loads(spec_file.read_bytes())
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    comm.apply_placement(comm.Placement(), rank, world)
-    comm.init()
-    try:
-        result = run_session(spec)
-    finally:
-        comm.shutdown()
+    rank = int(os.environ["RANK"])
+    [result] = run(run_session, int(os.environ["WORLD_SIZE"]), spec)  # joins torchrun's group
     partial = out_dir / f".rank{rank}.pkl.tmp"
     partial.write_bytes(pickle.dumps(result))
     partial.rename(out_dir / f"rank{rank}.pkl")

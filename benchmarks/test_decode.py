@@ -5,6 +5,9 @@ one decode step of every schedule at batch 1/4/16, a 512-token prefill, and end-
 against transformers on the same weights. TP>1 runs live in other processes, where pytest-benchmark's
 timer cannot reach: those tests time a whole interleaved session and put the per-variant medians
 measured inside the ranks into `extra_info` (the same figures `ladder bench` reports).
+
+pytest imports this file by its path, so it names its siblings by their installed package
+(`ladder_benchmarks`), the names the spawned ranks import them by.
 """
 
 from __future__ import annotations
@@ -16,13 +19,20 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.baselines import hf_model, hf_runner
-from benchmarks.report import overlap_efficiency, summarize
-from benchmarks.session import SessionSpec, run_session
-from benchmarks.workload import SCHEDULES, ModelSource, Plan, ladder_runner, make_prompts, schedule_variants
-from ladder import distributed as comm
 from ladder.generate import Sampling, choose_next
+from ladder.launcher import launch
 from ladder.layers import input_major
+from ladder_benchmarks.baselines import hf_model, hf_runner
+from ladder_benchmarks.report import overlap_efficiency, summarize
+from ladder_benchmarks.session import SessionSpec, run_session
+from ladder_benchmarks.workload import (
+    SCHEDULES,
+    ModelSource,
+    Workload,
+    ladder_runner,
+    make_prompts,
+    schedule_variants,
+)
 
 SHAPE = os.environ.get("LADDER_BENCH_SHAPE", "smollm2-135m")
 CHECKPOINT = os.environ.get("LADDER_BENCH_CHECKPOINT")
@@ -101,8 +111,8 @@ def test_generate_32_tokens(benchmark: Any, variants: dict[str, Any], implementa
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_tensor_parallel_session(benchmark: Any, source: ModelSource, tp: int) -> None:
     """A whole interleaved session at TP=N (3 and 4 oversubscribe 2 cores); medians in extra_info."""
-    spec = SessionSpec(source, Plan(batches=(1, 4), repeats=3, prefill_repeats=1), baselines=False)
-    ranks = benchmark.pedantic(comm.launch, (run_session, tp, spec), {"timeout_s": 600}, rounds=1)
+    spec = SessionSpec(source, Workload(batches=(1, 4), repeats=3, prefill_repeats=1), baselines=False)
+    ranks = benchmark.pedantic(launch, (run_session, tp, spec), {"timeout_s": 600}, rounds=1)
     summary = summarize(SHAPE, source, ranks, {})
     benchmark.extra_info["decode_ms"] = {n: v["decode_ms"] for n, v in summary["variants"].items()}
     benchmark.extra_info["blocked_ms_per_token"] = {n: v["blocked_ms_per_token"] for n, v in summary["variants"].items()}

@@ -9,7 +9,6 @@ after a warm-up, and summarised by medians, because this machine is shared and n
 from __future__ import annotations
 
 import itertools
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -19,15 +18,15 @@ from typing import Any, Protocol
 
 import torch
 
-from conversion.writer import CheckpointWriter
-from ladder import distributed as comm
-from ladder.checkpoint import from_pretrained, load_config
+from ladder.checkpoint import from_pretrained, load_config, save_pretrained
 from ladder.config import LadderConfig, Schedule
 from ladder.generate import generate
 from ladder.model import LadderForCausalLM, random_full_state_dict
 
+from .timing import blocked_time
+
 SHAPES: dict[str, dict[str, Any]] = {
-    # SmolLM2-135M (DESIGN.md section 4): used with random weights when no checkpoint is given.
+    # SmolLM2-135M's shape: used with random weights when no checkpoint is given.
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=1e5,
                          rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192),
@@ -63,9 +62,7 @@ class ModelSource:
     def load(self, rank: int, world: int) -> LadderForCausalLM:
         """This rank's shard, every layer standard (the variants reuse its tensors)."""
         if self.checkpoint:
-            config = self.config()
-            return from_pretrained(self.checkpoint, rank, world,
-                                   schedules=[Schedule.STANDARD] * config.num_hidden_layers)
+            return from_pretrained(self.checkpoint, rank, world, schedules=self.config().all_standard().schedules)
         model = LadderForCausalLM(self.config(), rank, world)
         model.load_full_state_dict(random_full_state_dict(model.config))
         return model.eval()
@@ -79,12 +76,8 @@ class ModelSource:
         reads only its shard (as with real weights) instead of generating the whole model."""
         if self.checkpoint:
             return self
-        config, path = self.config(), directory / self.shape
-        with CheckpointWriter(path, force=True) as writer:
-            for name, tensor in random_full_state_dict(config).items():
-                if not (config.tie_word_embeddings and name == "lm_head.weight"):
-                    writer.add_tensor(name, tensor)
-            writer.add_json("config.json", config.to_dict())
+        path = directory / self.shape
+        save_pretrained(self.load(0, 1), path, force=True)
         return ModelSource(self.shape, str(path), random_weights=True)
 
 
@@ -99,8 +92,7 @@ def schedule_variants(base: LadderForCausalLM, schedules: tuple[Schedule, ...] =
             model = LadderForCausalLM(base.config.with_schedules([schedule] * layers),
                                       base.plan.rank, base.plan.world)
         model.load_state_dict(weights, assign=True)
-        if base.config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_weights()
         variants[schedule.value] = model.eval()
     return variants
 
@@ -152,18 +144,15 @@ class Run:
 
 
 def timed_run(runner: Runner, prompts: list[list[int]], new_tokens: int) -> Run:
-    """Run once with a timestamp and a reading of the wait clock after every new token."""
+    """Run once with a timestamp and a reading of the blocked-time clock after every new token."""
     marks: list[tuple[float, float]] = []
+    with blocked_time() as blocked_clock:
 
-    def on_token() -> None:
-        marks.append((time.perf_counter(), comm.WaitClock.seconds))
+        def on_token() -> None:
+            marks.append((time.perf_counter(), blocked_clock.seconds))
 
-    comm.WaitClock.start()
-    started = time.perf_counter()
-    try:
+        started = time.perf_counter()
         runner(prompts, new_tokens, on_token)
-    finally:
-        comm.WaitClock.stop()
     if len(marks) != new_tokens:
         raise RuntimeError(f"expected {new_tokens} tokens, the runner reported {len(marks)}")
     times = [started] + [t for t, _ in marks]
@@ -174,14 +163,19 @@ def timed_run(runner: Runner, prompts: list[list[int]], new_tokens: int) -> Run:
                steps_blocked_s=[b - a for a, b in itertools.pairwise(blocked[1:])])
 
 
-def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+# Fixed seeds so that every variant, rank and run sees the same prompts; prefill gets a seed of its own
+# only so that its long prompt does not start with the decode prompts' tokens.
+DECODE_PROMPTS_SEED, PREFILL_PROMPT_SEED = 0, 1
+
+
+def make_prompts(batch: int, length: int, vocab: int, seed: int = DECODE_PROMPTS_SEED) -> list[list[int]]:
     """Random prompts, identical for every variant and rank (rank 0's are broadcast anyway)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (batch, length), generator=generator).tolist()
 
 
 @dataclass
-class Plan:
+class Workload:
     """How much to measure; the defaults are the report's, `quick()` is the smoke test's."""
 
     batches: tuple[int, ...] = (1, 4, 16)
@@ -192,7 +186,7 @@ class Plan:
     prefill_repeats: int = 3
 
     @classmethod
-    def quick(cls) -> Plan:
+    def quick(cls) -> Workload:
         return cls(batches=(1, 2), repeats=2, prompt_tokens=8, new_tokens=4, prefill_tokens=32, prefill_repeats=1)
 
 
@@ -204,25 +198,25 @@ class Samples:
     prefill: list[Run] = field(default_factory=list)
 
 
-def interleaved(runners: dict[str, Runner], plan: Plan, vocab: int,
+def interleaved(runners: dict[str, Runner], workload: Workload, vocab: int,
                 log: Callable[[str], None] = lambda _: None) -> dict[str, Samples]:
     """Measure every runner at every batch size, and prefill, in rounds of A B C D after a warm-up."""
     samples = {name: Samples() for name in runners}
-    for batch in plan.batches:
-        prompts = make_prompts(batch, plan.prompt_tokens, vocab)
+    for batch in workload.batches:
+        prompts = make_prompts(batch, workload.prompt_tokens, vocab)
         for runner in runners.values():
-            timed_run(runner, prompts, plan.new_tokens)  # warm-up
-        for _ in range(plan.repeats):
+            timed_run(runner, prompts, workload.new_tokens)  # warm-up
+        for _ in range(workload.repeats):
             for name, runner in runners.items():
-                samples[name].decode.setdefault(batch, []).append(timed_run(runner, prompts, plan.new_tokens))
+                samples[name].decode.setdefault(batch, []).append(timed_run(runner, prompts, workload.new_tokens))
         log(f"batch {batch}: " + ", ".join(
             f"{n} {1e3 * median_decode(s.decode[batch]):.1f}" for n, s in samples.items()) + " ms/token")
-    if not plan.prefill_repeats:
+    if not workload.prefill_repeats:
         return samples
-    prompts = make_prompts(1, plan.prefill_tokens, vocab, seed=1)
+    prompts = make_prompts(1, workload.prefill_tokens, vocab, seed=PREFILL_PROMPT_SEED)
     for runner in runners.values():
         timed_run(runner, prompts, 1)
-    for _ in range(plan.prefill_repeats):
+    for _ in range(workload.prefill_repeats):
         for name, runner in runners.items():
             samples[name].prefill.append(timed_run(runner, prompts, 1))
     return samples
@@ -232,12 +226,17 @@ def median_decode(runs: list[Run]) -> float:
     return statistics.median(r.decode_s_per_token for r in runs)
 
 
+def _status_bytes(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:"))) * 1024
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: a spawned rank inherits
+    its parent's peak through exec there, so it would report the launcher's memory, not its own."""
+    return _status_bytes("VmHWM")
 
 
 def resident_bytes() -> int:
     """This process's resident memory now (VmRSS)."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+    return _status_bytes("VmRSS")

@@ -6,12 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from conversion.convert import DTYPES, convert, open_source
-from conversion.source import ConversionError
-from conversion.verify import verify
-from conversion.writer import OutputExistsError
 from ladder.checkpoint import CheckpointError
-from ladder.config import ConfigError
+from ladder.config import DTYPES, ConfigError
+from ladder.writer import OutputExistsError
+
+from .convert import convert, open_source
+from .source import ConversionError
+from .verify import verify
+
+HELP = "convert a Hugging Face, Meta or GGUF Llama checkpoint into a Ladder checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,16 +15,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from conversion.gguf_file import GGUFSource
-from conversion.hf import HuggingFaceSource
-from conversion.meta import MetaSource
-from conversion.source import ConversionError, Source
-from conversion.writer import DEFAULT_SHARD_BYTES, CheckpointWriter, OutputExistsError
 from ladder.checkpoint import full_shapes
-from ladder.config import LadderConfig, Schedule, parse_layer_selection
+from ladder.config import LadderConfig, dtype_name
+from ladder.writer import DEFAULT_SHARD_BYTES, CheckpointWriter, OutputExistsError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .gguf_file import GGUFSource
+from .hf import HuggingFaceSource
+from .meta import MetaSource
+from .source import ConversionError, Source
+
 GGUF_MAGIC = b"GGUF"
+TIED_HEAD = "lm_head.weight"  # optional in a tied source, never written (the embedding is the head)
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,7 @@ def open_source(path: str | Path) -> Source:
 def target_config(source: Source, ladder_layers: str | None) -> LadderConfig:
     """The source's config with the chosen ladder layers (None keeps the source's own schedules)."""
     config = LadderConfig.from_dict(source.config, source=str(source.config_file))
-    if ladder_layers is None:
-        return config
-    chosen = set(parse_layer_selection(ladder_layers, config.num_hidden_layers))
-    return config.with_schedules([Schedule.LADDER if i in chosen else Schedule.STANDARD
-                                  for i in range(config.num_hidden_layers)])
+    return config if ladder_layers is None else config.with_ladder_layers(ladder_layers)
 
 
 def _listed(names: list[str]) -> str:
@@ -90,12 +87,17 @@ def _listed(names: list[str]) -> str:
 
 
 def check_tensors(source: Source, config: LadderConfig) -> None:
-    """Every tensor the config implies is there with its shape, and nothing else is."""
-    expected = full_shapes(config)
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = [name for name in expected if name not in source.shapes and name not in optional]
+    """Every tensor the config implies is there with its shape, and nothing else is.
+
+    A tied head is stored once, as the embedding; a source that also stores `lm_head.weight` (some
+    exporters do) is accepted if it has the embedding's shape, and `convert` does not write it.
+    """
+    expected = dict(full_shapes(config))
+    missing = [name for name in expected if name not in source.shapes]
     if missing:
         raise ConversionError(f"{source.path}: missing tensor(s) {_listed(missing)}")
+    if config.tie_word_embeddings:
+        expected[TIED_HEAD] = expected["model.embed_tokens.weight"]
     extra = [name for name in source.shapes if name not in expected]
     if extra:
         raise ConversionError(f"tensor(s) that {source.config_file.name} does not describe: "
@@ -108,7 +110,7 @@ def check_tensors(source: Source, config: LadderConfig) -> None:
 
 def config_json(config: LadderConfig, dtype: torch.dtype) -> dict[str, Any]:
     out = config.to_dict()
-    out["torch_dtype"] = next(name for name, d in DTYPES.items() if d == dtype)
+    out["torch_dtype"] = dtype_name(dtype)
     return out
 
 
@@ -141,7 +143,7 @@ def convert(src: str | Path, dst: str | Path, ladder_layers: str | None = None, 
                 if tuple(tensor.shape) != tuple(source.shapes[name]):  # a reader broke its own promise
                     raise ConversionError(f"{source.origins[name]} was read with shape {list(tensor.shape)}, "
                                           f"not the declared {list(source.shapes[name])}")
-                if config.tie_word_embeddings and name == "lm_head.weight":
+                if config.tie_word_embeddings and name == TIED_HEAD:
                     continue  # tied: the head is the embedding
                 writer.add_tensor(name, tensor.to(dtype))
             writer.add_json("config.json", config_json(config, dtype))

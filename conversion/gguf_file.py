@@ -17,8 +17,8 @@ import gguf
 import numpy as np
 import torch
 
-from conversion.gguf_tokenizer import build_tokenizer
-from conversion.source import ConversionError, Source, half_rotary_order
+from .gguf_tokenizer import build_tokenizer
+from .source import ConversionError, Source, half_rotary_order
 
 ARCHITECTURES = ("llama",)
 MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}

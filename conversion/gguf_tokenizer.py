@@ -21,7 +21,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from conversion.source import ConversionError
+from .source import ConversionError
 
 CONTROL, USER_DEFINED = 3, 4
 GPT2_PRE = ("default", "gpt2", "gpt-2", "mpt", "olmo", "jais")

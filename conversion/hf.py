@@ -14,15 +14,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from conversion.source import ConversionError, Source
 from ladder.checkpoint import INDEX_FILE, CheckpointError, weight_map
 from ladder.config import read_json_object
+from ladder.tokenizer import TOKENIZER_FILES
+
+from .source import ConversionError, Source
 
 LLAMA_MODEL_TYPES = ("llama", "llamaLadder")
-# Files that describe the tokenizer or generation defaults, copied as they are when present.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-              "generation_config.json")
 # Buffers some older checkpoints saved with the weights; recomputed from the config, never needed.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -82,4 +80,5 @@ class HuggingFaceSource(Source):
                     yield name, tensor
 
     def files(self) -> dict[str, bytes]:
-        return {name: (self.path / name).read_bytes() for name in SIDE_FILES if (self.path / name).is_file()}
+        """The tokenizer and generation files present beside the weights, copied as they are."""
+        return {name: (self.path / name).read_bytes() for name in TOKENIZER_FILES if (self.path / name).is_file()}

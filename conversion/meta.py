@@ -1,10 +1,10 @@
 """Meta's original Llama checkpoints: `params.json` + `consolidated.NN.pth`, one file per model-parallel rank.
 
 The files are memory-mapped and unpickled with `weights_only=True`, which refuses anything but
-tensors and plain containers. A model-parallel split is undone per tensor (DESIGN.md section 3):
-column-parallel weights (wq, wk, wv, w1, w3, output) concatenate on dim 0, row-parallel ones (wo, w2)
-on dim 1, the embedding on dim 0 (Llama 3) or dim 1 (Llama 1/2), norms are replicated. q and k rows
-go from Meta's interleaved rotary pairs to Hugging Face's rotate-half order.
+tensors and plain containers. Meta's model-parallel split is undone per tensor: column-parallel
+weights (wq, wk, wv, w1, w3, output) concatenate on dim 0, row-parallel ones (wo, w2) on dim 1, the
+embedding on dim 0 (Llama 3) or dim 1 (Llama 1/2), norms are replicated. q and k rows go from
+Meta's interleaved rotary pairs to Hugging Face's rotate-half order.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from conversion.hf import read_json
-from conversion.source import ConversionError, Source, half_rotary_order
+from .hf import read_json
+from .source import ConversionError, Source, half_rotary_order
 
 # Meta name (with N for the layer) -> (Hugging Face name, dim the model-parallel shards split; None = replicated)
 LAYER_TENSORS = {
@@ -89,8 +89,8 @@ class MetaSource(Source):
         for needed in (EMBEDDING, "layers.0.feed_forward.w1.weight"):
             if needed not in first_keys:
                 raise ConversionError(f"{self.shard_files[0]}: missing tensor {needed}")
-        self.plan = self._plan(first_keys)
-        shapes = {hf: self._joined_shape(meta, dim) for hf, (meta, dim) in self.plan.items()}
+        self.layout = self._tensor_layout(first_keys)
+        shapes = {hf: self._joined_shape(meta, dim) for hf, (meta, dim) in self.layout.items()}
         embed, gate = shapes["model.embed_tokens.weight"], shapes["model.layers.0.mlp.gate_proj.weight"]
         vocab = int(params.get("vocab_size", -1))
         config = {
@@ -109,7 +109,7 @@ class MetaSource(Source):
         if params.get("use_scaled_rope"):
             config["rope_scaling"] = dict(LLAMA31_ROPE_SCALING,
                                           factor=params.get("rope_scaling_factor", LLAMA31_ROPE_SCALING["factor"]))
-        origins = {hf: f"{self.shard_files[0]}: tensor {meta} ({hf})" for hf, (meta, _) in self.plan.items()}
+        origins = {hf: f"{self.shard_files[0]}: tensor {meta} ({hf})" for hf, (meta, _) in self.layout.items()}
         super().__init__(path, params_file, config, shapes, origins)
 
     @staticmethod
@@ -119,21 +119,21 @@ class MetaSource(Source):
             return 131072
         return 8192 if vocab >= 128000 else 4096
 
-    def _plan(self, keys: set[str]) -> dict[str, tuple[str, int | None]]:
+    def _tensor_layout(self, keys: set[str]) -> dict[str, tuple[str, int | None]]:
         """Hugging Face name -> (Meta name, concatenation dim), refusing names a Llama does not have."""
-        plan: dict[str, tuple[str, int | None]] = {}
+        layout: dict[str, tuple[str, int | None]] = {}
         for meta in sorted(keys, key=_natural):
             if meta == EMBEDDING:
-                plan["model.embed_tokens.weight"] = (meta, self._embedding_dim(meta))
+                layout["model.embed_tokens.weight"] = (meta, self._embedding_dim(meta))
             elif meta in MODEL_TENSORS:
                 hf, dim = MODEL_TENSORS[meta]
-                plan[hf] = (meta, dim)
+                layout[hf] = (meta, dim)
             elif (match := LAYER_NAME.fullmatch(meta)) and match[2] in LAYER_TENSORS:
                 hf, dim = LAYER_TENSORS[match[2]]
-                plan[f"model.layers.{match[1]}.{hf}"] = (meta, dim)
+                layout[f"model.layers.{match[1]}.{hf}"] = (meta, dim)
             else:
                 raise ConversionError(f"{self.shard_files[0]}: tensor {meta} is not part of a Llama model")
-        return plan
+        return layout
 
     def _embedding_dim(self, meta: str) -> int | None:
         """Llama 3 splits the embedding by vocabulary rows, Llama 1/2 by hidden columns."""
@@ -153,7 +153,7 @@ class MetaSource(Source):
         return tuple(shape)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for hf, (meta, dim) in self.plan.items():
+        for hf, (meta, dim) in self.layout.items():
             if dim is None or len(self.shards) == 1:
                 tensor = self.shards[0][meta]
             else:

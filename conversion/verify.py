@@ -1,7 +1,8 @@
 """`--verify`: reload DST and compare its logits with SRC's on a few tokens.
 
-A checkpoint with ladder layers computes a different function from its source (DESIGN.md section 1),
-so comparing it as written with SRC would only measure how much the ladder changes the model. What
+A checkpoint with ladder layers computes a different function from its source (each sub-block reads
+the residual stream before the previous sub-block's output is added, see `ladder/residual.py`), so
+comparing it as written with SRC would only measure how much the ladder changes the model. What
 checks the conversion is the same weights under the same schedule: SRC's tensors from its reader,
 rounded to DST's dtype, run with every layer standard, against DST loaded by `from_pretrained` with
 its schedules overridden to standard. Both run in fp32, so they agree to rounding noise unless a
@@ -17,14 +18,16 @@ from pathlib import Path
 
 import torch
 
-from conversion.convert import target_config
-from conversion.source import Source
 from ladder.checkpoint import from_pretrained
 from ladder.config import Schedule
 from ladder.model import LadderForCausalLM
 
+from .convert import target_config
+from .source import Source
+
 TOLERANCE = 1e-4
 VERIFY_TOKENS = 16
+TOKENS_SEED = 0  # any fixed seed: SRC and DST only need to see the same token ids, run after run
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,11 @@ class Verification:
 
 def verify(source: Source, dst: str | Path, dtype: torch.dtype) -> Verification:
     """Compare DST with SRC on a few fixed token ids, as the module docstring explains."""
-    config = target_config(source, None)
-    standard = [Schedule.STANDARD] * config.num_hidden_layers
-    reference = LadderForCausalLM(config.with_schedules(standard), rank=0, world=1)
+    standard = target_config(source, None).all_standard()
+    reference = LadderForCausalLM(standard, rank=0, world=1)
     reference.load_full_state_dict({name: t.to(dtype).float() for name, t in source.tensors()})
-    ids = torch.randint(config.vocab_size, (1, VERIFY_TOKENS), generator=torch.Generator().manual_seed(0))
-    converted = from_pretrained(dst, rank=0, world=1, schedules=standard)
+    ids = torch.randint(standard.vocab_size, (1, VERIFY_TOKENS), generator=torch.Generator().manual_seed(TOKENS_SEED))
+    converted = from_pretrained(dst, rank=0, world=1, schedules=standard.schedules)
     with torch.no_grad():
         expected = reference.eval()(ids)
         diff = (converted(ids) - expected).abs().max().item()

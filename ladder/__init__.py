@@ -1,9 +1,10 @@
 """Ladder-Residual transformers: tensor-parallel Llama inference that hides communication."""
 
-from ladder.checkpoint import CheckpointError, from_pretrained
+from ladder.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from ladder.comm import CommunicationError
 from ladder.config import ConfigError, LadderConfig, Schedule
-from ladder.distributed import CommunicationError, LaunchError, Placement, launch
 from ladder.generate import Generation, Sampling, generate
+from ladder.launcher import LaunchError, Placement, launch
 from ladder.model import CacheError, LadderForCausalLM, random_full_state_dict
 from ladder.sharding import ShardingError, ShardPlan
 
@@ -25,4 +26,5 @@ __all__ = [
     "generate",
     "launch",
     "random_full_state_dict",
+    "save_pretrained",
 ]

@@ -1,7 +1,8 @@
-"""Loading a Ladder checkpoint (a Hugging Face Llama directory) one rank's slices at a time.
+"""Ladder checkpoints (Hugging Face Llama directories): loading one rank's slices, saving the whole.
 
-Each rank opens the safetensors files lazily and reads only the rows or columns its shard plan
-names, so its peak memory is about the model's size divided by the TP size.
+`from_pretrained` opens the safetensors files lazily on each rank and reads only the rows or
+columns its shard plan names, so a rank's peak memory is about the model's size over the TP size.
+`save_pretrained` is its inverse: every rank's parts are joined on rank 0 and written atomically.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ladder import distributed as comm
-from ladder.config import LadderConfig, Schedule
+from ladder import comm
+from ladder.config import LadderConfig, Schedule, dtype_name
 from ladder.model import LadderForCausalLM
+from ladder.sharding import ShardPlan
+from ladder.tokenizer import TOKENIZER_FILES
+from ladder.writer import CheckpointWriter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,27 +57,30 @@ def weight_map(path: str | Path) -> dict[str, Path]:
         raise CheckpointError(f"{single}: corrupt or truncated safetensors file ({exc})") from None
 
 
-def full_shapes(config: LadderConfig) -> dict[str, torch.Size]:
-    """Every tensor a checkpoint of `config` holds (Hugging Face names) and its whole-model shape."""
-    with torch.device("meta"):
-        return {name: t.shape for name, t in LadderForCausalLM(config, rank=0, world=1).state_dict().items()}
+def full_shapes(config: LadderConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` stores (Hugging Face names) and its whole-model shape."""
+    return ShardPlan(config).full_shapes()
 
 
-def read_shard(files: dict[str, Path], model: LadderForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """This rank's part of every tensor `model` holds, read lazily and checked against the config."""
-    expected_full = full_shapes(model.config)
-    own = model.state_dict()
-    wanted = [n for n in own if not (model.config.tie_word_embeddings and n == "lm_head.weight")]
-    missing = [n for n in wanted if n not in files]
+def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
+               strides: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """This rank's part of every tensor in `plan`, read lazily and checked against the config.
+
+    Each part is laid out with `strides` (the model's own memory layout), so no copy follows.
+    """
+    expected_full = plan.full_shapes()
+    missing = [n for n in plan.tensors if n not in files]
     if missing:
         raise CheckpointError(f"{next(iter(files.values())).parent}: missing tensor(s) "
                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    unexpected = sorted(set(files) - set(expected_full))
+    # A tied head may still be stored (some exporters do); it is the embedding, so it is not read.
+    tied_head = {"lm_head.weight"} if plan.config.tie_word_embeddings else set()
+    unexpected = sorted(set(files) - set(expected_full) - tied_head)
     if unexpected:
         raise CheckpointError(f"{files[unexpected[0]]}: tensor(s) the config does not describe: "
                               f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
     shard: dict[str, torch.Tensor] = {}
-    for name in wanted:
+    for name, part in plan.tensors.items():
         file = files[name]
         try:
             # One mapping per tensor, closed right after, and a private copy of the slice: safetensors
@@ -81,22 +88,20 @@ def read_shard(files: dict[str, Path], model: LadderForCausalLM, dtype: torch.dt
             # tensor, so keeping views or the mapping would leave the whole file in the rank's memory.
             with safe_open(file, "pt") as f:
                 lazy = f.get_slice(name)
-                shape, full_shape = tuple(lazy.get_shape()), tuple(expected_full[name])
-                if shape != full_shape:
+                shape = tuple(lazy.get_shape())
+                if shape != part.full_shape:
                     raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, "
-                                          f"the config implies {list(full_shape)}")
+                                          f"the config implies {list(part.full_shape)}")
                 if lazy.get_dtype() not in FLOAT_DTYPES:
                     raise CheckpointError(f"{file}: tensor {name} has dtype {lazy.get_dtype()}, "
                                           "weights must be floating point")
-                part = model.plan.slice_of(name)
-                if part is None:
+                if part.dim is None:
                     view = lazy[:]
                 elif part.dim == 0:
                     view = lazy[part.start:part.stop]
                 else:
                     view = lazy[:, part.start:part.stop]
-                # In the model's own memory layout (see layers.input_major), so no copy is made later.
-                shard[name] = torch.empty_strided(view.shape, own[name].stride(), dtype=dtype).copy_(view)
+                shard[name] = torch.empty_strided(view.shape, strides[name], dtype=dtype).copy_(view)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
     return shard
@@ -113,11 +118,45 @@ def from_pretrained(path: str | Path, rank: int | None = None, world: int | None
     config = load_config(path)
     if schedules is not None:
         config = config.with_schedules(list(schedules))
-    rank = comm.rank() if rank is None else rank
-    world = comm.world_size() if world is None else world
+    rank = comm.tp_rank() if rank is None else rank
+    world = comm.tp_size() if world is None else world
     with torch.device("meta"):
-        model = LadderForCausalLM(config, rank, world)
-    model.load_state_dict(read_shard(weight_map(path), model, dtype), strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+        layout = LadderForCausalLM(config, rank, world).state_dict()
+    plan = ShardPlan(config, rank, world)
+    strides = {name: layout[name].stride() for name in plan.tensors}
+    return LadderForCausalLM.from_shard(config, rank, world, read_shard(weight_map(path), plan, dtype, strides))
+
+
+def gather_state_dict(model: LadderForCausalLM) -> dict[str, torch.Tensor] | None:
+    """Every tensor whole, in Hugging Face names, on tensor-parallel rank 0; None on the other ranks."""
+    own, plan = model.state_dict(), model.plan
+    names = plan.of_rank(0).tensors
+    whole = {}
+    for name in names:
+        parts = comm.gather_objects(own[name].detach().clone() if name in plan.tensors else None)
+        if parts is not None:
+            whole[name] = plan.unshard(name, parts)
+    return whole if comm.tp_rank() == 0 else None
+
+
+def save_pretrained(model: LadderForCausalLM, path: str | Path, tokenizer_from: str | Path | None = None,
+                    force: bool = False, dtype: torch.dtype | None = None) -> None:
+    """Write `model` as a Ladder checkpoint at `path`, the inverse of `from_pretrained`.
+
+    Under TP every rank of the group calls it; rank 0 joins the parts and writes. The tokenizer and
+    generation files are copied from `tokenizer_from` (e.g. the checkpoint it was loaded from).
+    `dtype` casts the weights on the way (default: as they are).
+    """
+    state = gather_state_dict(model)
+    if state is None:
+        return
+    config = model.config.to_dict()
+    config["torch_dtype"] = dtype_name(dtype or next(iter(state.values())).dtype)
+    with CheckpointWriter(path, force=force) as writer:
+        for name, tensor in state.items():
+            writer.add_tensor(name, tensor if dtype is None else tensor.to(dtype))
+        writer.add_json("config.json", config)
+        for file in TOKENIZER_FILES if tokenizer_from is not None else ():
+            source = Path(tokenizer_from) / file
+            if source.is_file():
+                writer.add_file(file, source.read_bytes())

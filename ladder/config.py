@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 class Schedule(enum.StrEnum):
-    """How a layer's sub-blocks join the residual stream (DESIGN.md section 1)."""
+    """How a layer's sub-blocks join the residual stream (`ladder/residual.py` has the equations)."""
 
     STANDARD = "standard"
     LADDER = "ladder"
@@ -26,6 +28,14 @@ class Schedule(enum.StrEnum):
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a valid model; the message names the field."""
+
+
+# The weight dtypes a checkpoint may be written in or loaded as, by their command-line names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -105,6 +115,14 @@ class LadderConfig:
 
     def with_schedules(self, schedules: list[Schedule | str]) -> LadderConfig:
         return dataclasses.replace(self, schedules=[Schedule(s) for s in schedules])
+
+    def with_ladder_layers(self, spec: int | str | list[int] | None) -> LadderConfig:
+        """These layers ladder, the others standard (`spec` as `parse_layer_selection` reads it)."""
+        return self.with_schedules(schedules_from_fields(self.num_hidden_layers, spec, None))
+
+    def all_standard(self) -> LadderConfig:
+        """The same model with every layer standard: the function its weights were trained for."""
+        return self.with_schedules([Schedule.STANDARD] * self.num_hidden_layers)
 
     # --- Hugging Face config.json ---------------------------------------------------------------
 
@@ -188,8 +206,8 @@ def schedules_from_fields(
         except ValueError as exc:
             names = ", ".join(s.value for s in Schedule)
             raise ConfigError(f"residual_schedules: {exc} (known: {names})") from None
-    return [Schedule.LADDER if i in set(parse_layer_selection(ladder_layers, n_layers)) else Schedule.STANDARD
-            for i in range(n_layers)]
+    chosen = set(parse_layer_selection(ladder_layers, n_layers))
+    return [Schedule.LADDER if i in chosen else Schedule.STANDARD for i in range(n_layers)]
 
 
 def parse_layer_selection(spec: int | str | list[int] | None, n_layers: int) -> list[int]:

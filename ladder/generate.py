@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ladder import distributed as comm
+from ladder import comm
 from ladder.model import CacheError, LadderForCausalLM
-from ladder.sharding import ShardPlan, even_range
+from ladder.sharding import ShardPlan
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ def choose_next(local_logits: torch.Tensor, plan: ShardPlan, sampling: Sampling,
         return _global_argmax(local_logits, first)
     scores = local_logits / sampling.temperature
     # Equal widths on every rank for the collectives; the padding is never chosen.
-    widest = len(even_range(plan.config.vocab_size, plan.world, 0))
-    padded = F.pad(scores, (0, widest - scores.shape[-1]), value=-torch.inf)
+    padded = F.pad(scores, (0, plan.widest_vocab - scores.shape[-1]), value=-torch.inf)
     if sampling.top_k is not None:
         padded = padded.masked_fill(padded < _kth_largest(padded, sampling.top_k), -torch.inf)
     if sampling.top_p is not None and sampling.top_p < 1:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from ladder import distributed as comm
+from ladder import comm
 from ladder.checkpoint import from_pretrained, load_config
-from ladder.config import Schedule
+from ladder.config import DTYPES, Schedule
 from ladder.generate import Sampling, generate
+from ladder.launcher import Placement, under_torchrun
+from ladder.launcher import run as run_ranks
 from ladder.sharding import ShardPlan
 from ladder.tokenizer import StreamDecoder, Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HELP = "generate text under TP=N from a Ladder checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,36 +34,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=[s.value for s in Schedule],
                         help="run every layer with this schedule instead of the checkpoint's")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_placement_arguments(parser)
+    parser.add_argument("--json-out", type=Path, help="also write the answers and timings here")
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that starts ranks: placement, transport and timeout."""
     parser.add_argument("--pin", action="store_true", help="pin each rank to its own cores")
     parser.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
+    parser.add_argument("--comm", choices=comm.TRANSPORTS, default=None,
+                        help="how ranks exchange data: shared memory within a host, gloo, or auto (default: "
+                        f"${comm.TRANSPORT_ENV}, else auto)")
+    parser.add_argument("--link", help="put the collectives behind an emulated interconnect, e.g. "
+                        f"latency=200us,bandwidth=10gbit (default: ${comm.LINK_ENV})")
     parser.add_argument("--timeout", type=float, default=comm.DEFAULT_TIMEOUT_S,
                         help="seconds before a dead or missing rank makes the others fail")
-    parser.add_argument("--json-out", type=Path, help="also write the answers and timings here")
+
+
+def placement_from_args(args: argparse.Namespace) -> Placement:
+    return Placement(pin=args.pin, threads=args.threads, transport=args.comm, link=args.link)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.checkpoint)
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    world = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.tp
-    ShardPlan(config, 0, world)  # refuse an impossible TP size before any rank starts
-    if under_torchrun:
-        comm.apply_placement(comm.Placement(pin=args.pin, threads=args.threads), int(os.environ["RANK"]), world)
-        comm.init(args.timeout)
-        try:
-            generate_on_rank(args)
-        finally:
-            comm.shutdown()
-    elif world == 1:
-        torch.set_num_threads(args.threads or torch.get_num_threads())
-        generate_on_rank(args)
-    else:
-        comm.launch(generate_on_rank, world, args, placement=comm.Placement(pin=args.pin, threads=args.threads),
-                    timeout_s=args.timeout)
+    if not under_torchrun():
+        ShardPlan(config, 0, args.tp)  # refuse an impossible TP size before any rank starts
+    run_ranks(generate_on_rank, args.tp, args, placement=placement_from_args(args), timeout_s=args.timeout)
     return 0
 
 
 def generate_on_rank(args: argparse.Namespace) -> None:
-    leader = comm.rank() == 0
+    leader = comm.tp_rank() == 0
     tokenizer = Tokenizer(args.checkpoint)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
              for p in args.prompt]
@@ -70,9 +72,8 @@ def generate_on_rank(args: argparse.Namespace) -> None:
     schedules = None if args.schedule is None else [args.schedule] * load_config(args.checkpoint).num_hidden_layers
     model = from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], schedules=schedules)
     stops = set(model.config.eos_token_ids)
-    for key in ("eos_token",):
-        if (token := tokenizer.token_id(key)) is not None:
-            stops.add(token)
+    if (token := tokenizer.token_id("eos_token")) is not None:
+        stops.add(token)
     stream = StreamDecoder(tokenizer) if leader and len(prompts) == 1 else None
 
     def show(tokens: torch.Tensor) -> None:
@@ -90,11 +91,12 @@ def generate_on_rank(args: argparse.Namespace) -> None:
     else:
         for text, answer in zip(args.prompt, answers, strict=True):
             print(f"### {text}\n{answer}\n")
-    print(f"[{comm.world_size()} rank(s), prompt {result.prompt_tokens} tokens, prefill "
+    transport = getattr(comm.transport(), "name", "none")
+    print(f"[{comm.tp_size()} rank(s) over {transport}, prompt {result.prompt_tokens} tokens, prefill "
           f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tokens/s]",
           file=sys.stderr)
     if args.json_out:
         args.json_out.write_text(json.dumps({
-            "checkpoint": str(args.checkpoint), "world_size": comm.world_size(), "answers": answers,
-            "tokens": result.tokens, "prefill_seconds": result.prefill_seconds,
+            "checkpoint": str(args.checkpoint), "world_size": comm.tp_size(), "transport": transport,
+            "answers": answers, "tokens": result.tokens, "prefill_seconds": result.prefill_seconds,
             "decode_tokens_per_second": result.decode_tokens_per_second}, indent=2))

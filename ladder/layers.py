@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ladder import distributed as comm
+from ladder import comm
 from ladder.config import LadderConfig, Schedule
 from ladder.sharding import ShardPlan
 
@@ -39,8 +39,8 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
     """The same [out, in] weight with its memory laid out [in, out] (works on the meta device too).
 
     `F.linear(x, w)` multiplies x by `w.t()`; with this layout that is a contiguous matrix, and MKL's
-    one-row product (batch-1 decode) streams it 1.3-2x faster than the [out, in] layout on this
-    kind of machine (`benchmarks/test_decode.py::test_matvec_bandwidth`, `ladder bench`).
+    one-row product (batch-1 decode) streams it faster than the [out, in] layout (measured by
+    `benchmarks/test_decode.py::test_matvec_bandwidth` and `ladder bench`; figures in the README).
     """
     return weight.t().contiguous().t()
 
@@ -49,15 +49,15 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
 class StepContext:
     """What every attention layer needs for one forward, computed once per forward.
 
-    `cos`/`sin` are the rotary tables at each token's own position ([batch, 1, tokens, head_dim]),
-    `sin` with its first half negated, the sign that "rotate half" needs (see `rotate`);
+    `cos`/`signed_sin` are the rotary tables at each token's own position ([batch, 1, tokens,
+    head_dim]), the sine with its first half negated, the sign that "rotate half" needs (`rotate`);
     `mask` is a boolean [batch, 1, tokens, keys] mask, or None for plain causal attention over the
     tokens themselves (or, in a one-token decode step, over the whole cache); `slot` is where the
     tokens go in the KV cache, None when there is no cache.
     """
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
     mask: torch.Tensor | None
     slot: int | None
 
@@ -111,7 +111,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(heads).transpose(1, 2)  # [b, h, t, d]
         k = self.k_proj(x).view(heads).transpose(1, 2)
         v = self.v_proj(x).view(heads).transpose(1, 2)
-        q, k = rotate(q, step.cos, step.sin), rotate(k, step.cos, step.sin)
+        q, k = rotate(q, step.cos, step.signed_sin), rotate(k, step.cos, step.signed_sin)
         if self.cache is not None and step.slot is not None:
             k, v = self.cache.update(step.slot, k, v)
         if not self.uniform_groups:
@@ -157,27 +157,3 @@ class DecoderLayer(nn.Module):
         """GPT-J style: both sub-blocks read one normed input, their sum is reduced once."""
         normed = comm.copy_to_parallel(self.input_layernorm(x))
         return self.self_attn(normed, step) + self.mlp(normed)
-
-
-class VocabParallelEmbedding(nn.Embedding):
-    """Rows `plan.vocab` of the embedding; ids outside them contribute zeros to the all-reduce."""
-
-    def __init__(self, config: LadderConfig, plan: ShardPlan) -> None:
-        weight = torch.empty(len(plan.vocab), config.hidden_size)
-        if not weight.is_meta:  # random init on the meta device costs seconds (it imports torch._dynamo)
-            nn.init.normal_(weight)
-        super().__init__(len(plan.vocab), config.hidden_size, _weight=weight)
-        self.first, self.world, self.vocab_size = plan.vocab.start, plan.world, config.vocab_size
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # Checked here because under TP an id outside the vocabulary would silently embed as zeros.
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bool(bad.any()):
-            raise ValueError(f"token ids {ids[bad].unique()[:5].tolist()} are outside the vocabulary "
-                             f"of {self.vocab_size}")
-        if self.world == 1:
-            return super().forward(ids)
-        local = ids - self.first
-        outside = (local < 0) | (local >= self.num_embeddings)
-        rows = super().forward(local.masked_fill(outside, 0)).masked_fill(outside.unsqueeze(-1), 0.0)
-        return comm.reduce_from_parallel_start(rows).wait()

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ladder.sharding import ShardPlan, TensorShard
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -41,40 +44,40 @@ class LoRAConfig:
             raise ValueError(f"LoRA target modules {unknown or '(none)'} not among {', '.join(PROJECTIONS)}")
 
 
-@dataclass(frozen=True)
-class InputSplit:
-    """Which input features of the full projection this shard holds (row-parallel projections)."""
-
-    start: int
-    full: int
-
-
 class LoRALinear(nn.Module):
     """A linear layer (same `weight`/`bias` parameter names) plus a trainable low-rank update.
 
-    `split_dim` says how the base projection is sharded: 0 = rows (column-parallel), 1 = columns
-    (row-parallel, `input_split` then places this shard's columns in the full input), None = whole.
+    `shard` is how the base weight is split (its row in `ShardPlan.tensors`): rows split
+    (column-parallel) split B alike; columns split (row-parallel) split A alike.
     """
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig, split_dim: int | None,
-                 input_split: InputSplit | None, seed: int) -> None:
+    def __init__(self, base: nn.Linear, config: LoRAConfig, shard: TensorShard, seed: int) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.split_dim = split_dim
+        self.shard = shard
         self.scaling = config.alpha / config.rank
         self.dropout = nn.Dropout(config.dropout)
-        split = input_split or InputSplit(0, self.in_features)
+        full_in = shard.full_shape[1]
+        first_column = shard.start if shard.dim == 1 else 0
         generator = torch.Generator().manual_seed(seed)
-        bound = 1.0 / math.sqrt(split.full)
-        full_a = torch.empty(config.rank, split.full).uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(full_a[:, split.start:split.start + self.in_features].clone())
+        bound = 1.0 / math.sqrt(full_in)
+        full_a = torch.empty(config.rank, full_in).uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(full_a[:, first_column:first_column + self.in_features].clone())
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank))
 
-    @property
-    def whole_factor(self) -> nn.Parameter | None:
-        """The factor every rank holds in full but gets only a share of the gradient for."""
-        return {0: self.lora_A, 1: self.lora_B}.get(self.split_dim)
+    def factor_shard(self, factor: nn.Parameter) -> TensorShard:
+        """How `lora_A` or `lora_B` is split: with the base weight, or whole on every rank, where each
+        rank computes only its share of the gradient (the factor that the split does not cut)."""
+        split, whole = (self.lora_B, self.lora_A) if self.shard.dim == 0 else (self.lora_A, self.lora_B)
+        if self.shard.dim is None:
+            return TensorShard(tuple(factor.shape))
+        if factor is whole:
+            return TensorShard(tuple(factor.shape), partial_grad=True)
+        full = list(split.shape)
+        full[self.shard.dim] = self.shard.full_shape[self.shard.dim]
+        return TensorShard(tuple(full), self.shard.dim, self.shard.start, self.shard.stop, self.shard.owned_from,
+                           self.shard.partial_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
@@ -91,8 +94,19 @@ class LoRALinear(nn.Module):
 
 
 def adapter_seed(seed: int, name: str) -> int:
-    """One seed per projection, stable across runs and TP sizes."""
+    """One seed per projection, stable across runs and TP sizes: the run's seed and the projection's
+    name mixed (a large prime keeps runs with neighbouring seeds from sharing any projection's seed)."""
     return seed * 1_000_003 + zlib.crc32(name.encode())
+
+
+def add_adapters(model: nn.Module, plan: ShardPlan, lora: LoRAConfig, layers: Sequence[int], seed: int) -> None:
+    """LoRA on the target projections of `layers` of a Ladder model, each split like its projection."""
+    for index in layers:
+        layer = model.model.layers[index]
+        for name, module in [(n, m) for n, m in layer.named_modules() if n.rpartition(".")[2] in lora.targets]:
+            full_name = f"model.layers.{index}.{name}"
+            shard = plan.tensors[full_name + ".weight"]
+            replace_module(layer, name, LoRALinear(module, lora, shard, adapter_seed(seed, full_name)))
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -10,18 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ladder import distributed as comm
+from ladder import comm
 from ladder.config import LadderConfig
-from ladder.layers import (
-    DecoderLayer,
-    KVCache,
-    StepContext,
-    VocabParallelEmbedding,
-    input_major,
-    rope_inverse_frequencies,
-)
+from ladder.layers import DecoderLayer, KVCache, StepContext, input_major, rope_inverse_frequencies
 from ladder.residual import residual_stream
 from ladder.sharding import ShardPlan, even_range
+from ladder.vocab import VocabParallelEmbedding
 
 
 class CacheError(ValueError):
@@ -48,33 +42,42 @@ class LadderForCausalLM(nn.Module):
     def __init__(self, config: LadderConfig, rank: int | None = None, world: int | None = None) -> None:
         super().__init__()
         self.config = config
-        self.plan = ShardPlan(config, comm.rank() if rank is None else rank,
-                              comm.world_size() if world is None else world)
+        self.plan = ShardPlan(config, comm.tp_rank() if rank is None else rank,
+                              comm.tp_size() if world is None else world)
         self.model = LadderModel(config, self.plan)
         self.lm_head = nn.Linear(config.hidden_size, len(self.plan.vocab), bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         for module in self.modules():
             if isinstance(module, nn.Linear):  # a tied head lays out the embedding too
                 module.weight.data = input_major(module.weight.data)
         self.inv_freq = rope_inverse_frequencies(config)  # fp32 whatever the weights' dtype
         self.cache_length = 0
 
-    # --- loading ------------------------------------------------------------------------------
+    # --- weights --------------------------------------------------------------------------------
 
-    def load_full_state_dict(self, full: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load this rank's shard out of a whole-model Hugging Face state dict."""
-        own = self.state_dict()
+    @classmethod
+    def from_shard(cls, config: LadderConfig, rank: int, world: int,
+                   shard: dict[str, torch.Tensor]) -> LadderForCausalLM:
+        """A model holding exactly the tensors of `shard` (this rank's parts, `ShardPlan.tensors`
+        names), built without allocating weights first."""
+        with torch.device("meta"):
+            model = cls(config, rank, world)
+        wanted = set(model.plan.tensors)
+        if set(shard) != wanted:
+            missing, extra = sorted(wanted - set(shard)), sorted(set(shard) - wanted)
+            raise ValueError(f"rank {rank}: shard lacks {missing[:5]} and has extra {extra[:5]}")
+        model.load_state_dict(shard, strict=False, assign=True)
+        model.tie_weights()
+        return model.eval()
+
+    def tie_weights(self) -> None:
+        """A tied LM head is the embedding's very parameter (the checkpoint stores it once)."""
         if self.config.tie_word_embeddings:
-            own.pop("lm_head.weight", None)
-        shard = {}
-        for name in own:
-            tensor = full[name] if strict or name in full else own[name]
-            part = self.plan.slice_of(name)
-            if part is not None:
-                tensor = tensor.narrow(part.dim, part.start, part.stop - part.start)
-            shard[name] = tensor
-        self.load_state_dict(shard, strict=False)
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
+        """Load this rank's shard out of a whole-model Hugging Face state dict."""
+        self.load_state_dict({name: self.plan.shard(name, full[name]) for name in self.plan.tensors}, strict=False)
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -138,22 +141,19 @@ class LadderForCausalLM(nn.Module):
         if self.plan.world == 1:
             return local
         vocab, world = self.config.vocab_size, self.plan.world
-        widest = len(even_range(vocab, world, 0))
-        parts = comm.all_gather(F.pad(local, (0, widest - local.shape[-1])))
+        parts = comm.all_gather(F.pad(local, (0, self.plan.widest_vocab - local.shape[-1])))
         return torch.cat([parts[r, ..., :len(even_range(vocab, world, r))] for r in range(world)], dim=-1)
 
 
 def random_full_state_dict(config: LadderConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
     """Random whole-model weights in Hugging Face naming, identical whatever the TP size."""
-    with torch.device("meta"):
-        shapes = LadderForCausalLM(config, rank=0, world=1).state_dict()
     generator = torch.Generator().manual_seed(seed)
     full = {}
-    for name, meta in shapes.items():
+    for name, shape in ShardPlan(config).full_shapes().items():
         if name.endswith("norm.weight"):
-            full[name] = 1.0 + 0.1 * torch.randn(meta.shape, generator=generator)
+            full[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         else:
-            full[name] = std * torch.randn(meta.shape, generator=generator)
-    if config.tie_word_embeddings:
+            full[name] = std * torch.randn(shape, generator=generator)
+    if config.tie_word_embeddings:  # as Hugging Face state dicts hold it
         full["lm_head.weight"] = full["model.embed_tokens.weight"]
     return full

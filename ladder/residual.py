@@ -1,4 +1,4 @@
-"""The residual schedules of DESIGN.md section 1, in one loop.
+"""The residual schedules, in one loop.
 
 `attn` and `mlp` are all-reductions still in flight (sub-block outputs not yet in the stream `x`).
 A ladder layer adds each one only right before the stream is read again, so every reduction runs
@@ -23,12 +23,12 @@ from collections.abc import Iterable
 
 import torch
 
-from ladder import distributed as comm
+from ladder import comm
 from ladder.config import Schedule
 from ladder.layers import DecoderLayer, StepContext
 
 
-def _settle(x: torch.Tensor, *pending: comm.Pending | None) -> torch.Tensor:
+def _settle(x: torch.Tensor, *pending: comm.Reduction | None) -> torch.Tensor:
     """x plus the reduced outputs; in place when autograd is off (decode), saving an allocation per add."""
     for reduction in pending:
         if reduction is not None:
@@ -37,8 +37,8 @@ def _settle(x: torch.Tensor, *pending: comm.Pending | None) -> torch.Tensor:
 
 
 def residual_stream(x: torch.Tensor, layers: Iterable[DecoderLayer], step: StepContext) -> torch.Tensor:
-    attn: comm.Pending | None = None
-    mlp: comm.Pending | None = None
+    attn: comm.Reduction | None = None
+    mlp: comm.Reduction | None = None
     for layer in layers:
         reduce = comm.Pending if layer.schedule is Schedule.UPPER_BOUND else comm.reduce_from_parallel_start
         if layer.schedule is Schedule.LADDER:

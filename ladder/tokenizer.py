@@ -9,6 +9,12 @@ from typing import Any
 import jinja2.sandbox
 from tokenizers import Tokenizer as _Tokenizer
 
+# The files beside the weights that describe the tokenizer and the generation defaults: a
+# checkpoint written from another carries them over as they are.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
 
 class Tokenizer:
     def __init__(self, path: str | Path) -> None:

@@ -24,7 +24,7 @@ MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o n", "e r", "a n", "Ġ w", "
 
 def byte_level_vocabulary() -> list[str]:
     """Control tokens, the 256 byte characters of GPT-2's alphabet, one token per merge, user-defined tokens."""
-    from conversion.gguf_tokenizer import byte_alphabet
+    from ladder_conversion.gguf_tokenizer import byte_alphabet
 
     return [*CONTROL_TOKENS, *byte_alphabet().values(), *(m.replace(" ", "") for m in MERGES), *USER_DEFINED_TOKENS]
 

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks import netns
-from benchmarks.report import hidden_wait_share, overlap_efficiency
-from ladder import distributed as comm
+from ladder import comm
 from ladder.cli import main
+from ladder_benchmarks import netns
+from ladder_benchmarks.report import hidden_wait_share, overlap_efficiency
+from ladder_benchmarks.timing import TimedTransport, blocked_time
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_quick_report_measures_every_variant_at_tp1_and_tp2(quick_report: tuple[
         for name, v in session["variants"].items():
             for batch in ("1", "2"):
                 assert v["decode_ms"][batch] > 0, (session["tp"], name)
-                assert len(v["decode_ms_runs"][batch]) == report["plan"]["repeats"]
+                assert len(v["decode_ms_runs"][batch]) == report["workload"]["repeats"]
                 assert len(v["blocked_ms_per_token"][batch]) == session["tp"]  # one figure per rank
             assert v["prefill_ms"] > 0
         assert len(session["peak_rss_mb"]) == session["tp"] and min(session["peak_rss_mb"]) > 0
@@ -88,25 +89,58 @@ def test_hidden_wait_share_compares_mean_blocked_time_over_ranks() -> None:
     assert hidden_wait_share({"standard": variants["standard"]}) == {}
 
 
-class _SlowWork:
-    def wait(self) -> None:
+class _SlowTransport:
+    """A transport whose every collective blocks for 20 ms."""
+
+    name = "slow"
+
+    def all_reduce_start(self, tensor: torch.Tensor, op: str) -> comm.Pending:
+        return comm.Pending(tensor, lambda: time.sleep(0.02))
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return tensor.unsqueeze(0)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         time.sleep(0.02)
 
+    def close(self) -> None:
+        pass
 
-def test_wait_clock_counts_only_while_started() -> None:
+
+def test_blocked_time_counts_only_while_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
     tensor = torch.ones(3)
-    before = comm.WaitClock.seconds
-    comm.Pending(tensor, _SlowWork()).wait()
-    assert comm.WaitClock.seconds == before  # off: not counted
-    comm.WaitClock.start()
+    slow = _SlowTransport()
+    monkeypatch.setattr(comm, "tp_size", lambda: 2)  # route the collectives to the transport
+    previous = comm.set_transport(slow)
     try:
-        assert comm.Pending(tensor, _SlowWork()).wait() is tensor
-        comm.Pending(tensor).wait()  # nothing in flight: nothing to count
+        with blocked_time() as before:
+            pass
+        comm.all_reduce_start(tensor).wait()
+        assert before.seconds == 0.0  # not measuring: not counted
+        with blocked_time() as clock:
+            assert isinstance(comm.transport(), TimedTransport) and comm.transport().inner is slow
+            assert comm.all_reduce_start(tensor).wait() is tensor
+            comm.Pending(tensor).wait()  # nothing in flight: nothing to count
+        waited = clock.seconds
+        assert 0.02 <= waited < 1.0
+        assert comm.transport() is slow  # the wrapper is gone afterwards
+        comm.all_reduce_start(tensor).wait()
+        assert clock.seconds == waited
+        with blocked_time() as clock:  # the blocking all-gather (choosing the next token) and broadcast count too
+            assert comm.all_gather(tensor).shape == (1, 3)
+            comm.broadcast(tensor)
+        assert 0.04 <= clock.seconds < 1.0
     finally:
-        waited = comm.WaitClock.stop()
-    assert 0.02 <= waited < 1.0
-    comm.Pending(tensor, _SlowWork()).wait()
-    assert comm.WaitClock.seconds == waited
+        comm.set_transport(previous)
+
+
+def test_blocked_time_is_zero_without_a_process_group() -> None:
+    assert comm.transport() is None
+    with blocked_time() as clock:
+        comm.all_reduce_start(torch.ones(3)).wait()
+        assert comm.transport() is None
+    assert clock.seconds == 0.0
 
 
 def test_slow_link_mode_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,10 +158,10 @@ def test_slow_link_mode_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) 
 def test_slow_link_runs_two_hosts_through_torchrun_and_cleans_up() -> None:
     import dataclasses
 
-    from benchmarks.session import SessionSpec
-    from benchmarks.workload import ModelSource, Plan
+    from ladder_benchmarks.session import SessionSpec
+    from ladder_benchmarks.workload import ModelSource, Workload
 
-    spec = SessionSpec(ModelSource("tiny"), dataclasses.replace(Plan.quick(), batches=(1,), prefill_repeats=0),
+    spec = SessionSpec(ModelSource("tiny"), dataclasses.replace(Workload.quick(), batches=(1,), prefill_repeats=0),
                        schedules=("standard", "ladder"), baselines=False)
     with netns.SlowLink(rate="50mbit") as link:
         ranks = link.run_session(spec)

@@ -27,15 +27,15 @@ from conversion_sources import (
 )
 from safetensors.torch import load_file, save_file
 
-from conversion import gguf_file
-from conversion.convert import convert, open_source
-from conversion.source import ConversionError
-from conversion.verify import verify
-from conversion.writer import CheckpointWriter, OutputExistsError
 from ladder.checkpoint import from_pretrained
 from ladder.cli import main
 from ladder.config import ConfigError, LadderConfig, Schedule
 from ladder.tokenizer import Tokenizer
+from ladder.writer import CheckpointWriter, OutputExistsError
+from ladder_conversion import gguf_file
+from ladder_conversion.convert import convert, open_source
+from ladder_conversion.source import ConversionError
+from ladder_conversion.verify import verify
 
 IDS = torch.tensor([[5, 77, 100, 3, 250, 260, 8, 9, 42, 199, 7, 31]])
 TEXTS = ["the 12 then <|im_start|>in", "Hello world, où est 2024?\n\n  tabs\tand spaces  ", "a<think>b"]
@@ -126,6 +126,22 @@ def test_ladder_layers_written_and_reconverted(hf_dir, llama, tmp_path):
     convert(first, plain, ladder_layers="none")
     assert json.loads((plain / "config.json").read_text())["model_type"] == "llama"
     assert_close_logits(logits_of(LlamaForCausalLM.from_pretrained(plain).eval()), logits_of(llama))
+
+
+def test_tied_source_that_also_stores_the_head(tmp_path):
+    """Some exporters store a tied head as well; it is accepted and not written (the embedding is the head)."""
+    model = random_llama(tie_word_embeddings=True)
+    src = write_hf(model, tmp_path / "src")
+    embedding = load_file(src / "model.safetensors")["model.embed_tokens.weight"]
+    rewrite_weights(src, lambda t: t.update({"lm_head.weight": embedding.clone()}))
+    summary = convert(src, tmp_path / "dst")
+    written = load_file(tmp_path / "dst" / "model.safetensors")
+    assert "lm_head.weight" not in written and summary.tensors == len(written)
+    assert_close_logits(logits_of(from_pretrained(tmp_path / "dst", rank=0, world=1)), logits_of(model))
+    rewrite_weights(src, lambda t: t.update({"lm_head.weight": embedding[:-1].clone()}))
+    with pytest.raises(ConversionError, match=r"tensor lm_head\.weight has shape \[\d+, 64\], config\.json implies"):
+        convert(src, tmp_path / "bad")
+    assert_nothing_written(tmp_path / "bad")
 
 
 def test_reference_implementation_config_loads(hf_dir, llama, tmp_path):

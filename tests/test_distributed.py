@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from ladder import distributed as comm
+from ladder import comm, launcher
 
 
 def _collectives() -> dict:
-    me, world = comm.rank(), comm.world_size()
+    me, world = comm.tp_rank(), comm.tp_size()
     torch.manual_seed(100 + me)
     x = torch.randn(4096)
     exact = comm.all_reduce(x.double().clone())
@@ -33,7 +33,7 @@ def _collectives() -> dict:
 
 
 def test_collectives_on_three_ranks() -> None:
-    results = comm.launch(_collectives, 3, placement=comm.Placement(threads=1))
+    results = launcher.launch(_collectives, 3, placement=launcher.Placement(threads=1))
     for r, out in enumerate(results):
         assert (out["rank"], out["world"], out["threads"]) == (r, 3, 1)
         assert out[str(torch.float32)] < 1e-6
@@ -49,22 +49,22 @@ def test_pinning_places_ranks_on_their_own_cores() -> None:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("needs two cores")
-    results = comm.launch(_collectives, 2, placement=comm.Placement(pin=True))
+    results = launcher.launch(_collectives, 2, placement=launcher.Placement(pin=True))
     assert [out["affinity"] for out in results] == [[cores[0]], [cores[1]]]
     assert [out["threads"] for out in results] == [1, 1]
 
 
 def test_placement_split() -> None:
-    placement = comm.Placement(cores=[[0, 1], [2, 3]])
+    placement = launcher.Placement(cores=[[0, 1], [2, 3]])
     assert placement.cores_for(1, 2) == [2, 3]
     assert placement.threads_for(1, 2) == 2
-    assert comm.Placement(threads=3).threads_for(0, 2) == 3
-    assert comm.Placement().cores_for(0, 2) is None
+    assert launcher.Placement(threads=3).threads_for(0, 2) == 3
+    assert launcher.Placement().cores_for(0, 2) is None
 
 
 def test_without_process_group_collectives_are_identity() -> None:
     x = torch.arange(4.0)
-    assert comm.world_size() == 1 and comm.rank() == 0
+    assert comm.tp_size() == 1 and comm.tp_rank() == 0
     assert comm.all_reduce(x.clone()).equal(x)
     assert comm.all_reduce_start(x.clone()).wait().equal(x)
     assert comm.all_gather(x).shape == (1, 4)
@@ -72,12 +72,12 @@ def test_without_process_group_collectives_are_identity() -> None:
 
 
 def _fail_on_rank_one() -> int:
-    if comm.rank() == 1:
+    if comm.tp_rank() == 1:
         raise ValueError("rank one refuses")
-    return comm.rank()
+    return comm.tp_rank()
 
 
 def test_launch_reports_the_failing_rank() -> None:
-    with pytest.raises(comm.LaunchError, match="rank 1") as info:
-        comm.launch(_fail_on_rank_one, 2, timeout_s=10)
+    with pytest.raises(launcher.LaunchError, match="rank 1") as info:
+        launcher.launch(_fail_on_rank_one, 2, timeout_s=10)
     assert "rank one refuses" in str(info.value)

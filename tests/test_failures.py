@@ -20,13 +20,15 @@ from ladder import (
     LadderConfig,
     LadderForCausalLM,
     LaunchError,
+    Placement,
     ShardingError,
     ShardPlan,
+    comm,
     generate,
     launch,
+    launcher,
     random_full_state_dict,
 )
-from ladder import distributed as comm
 from ladder import model as model_module
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
@@ -72,7 +74,7 @@ def decode_with_a_failing_rank(config: LadderConfig, weights: dict, victim: int,
     def on_tokens(_: torch.Tensor) -> None:
         state["steps"] += 1
         state["last_good"] = time.monotonic()
-        if comm.rank() == victim and state["steps"] == 3:
+        if comm.tp_rank() == victim and state["steps"] == 3:
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(2 * TIMEOUT_S)
@@ -93,7 +95,10 @@ def _rank_messages(error: LaunchError) -> dict[int, str]:
 def _assert_noticed_it(message: str, rank: int) -> None:
     """The rank stopped on its own with a CommunicationError that says what failed, within the timeout."""
     assert "was killed" not in message, message  # the launcher did not have to kill a hung survivor
-    assert re.search(rf"CommunicationError: rank {rank}: \w+(\(\w+\))? failed", message), message
+    # gloo: "rank 0: all_reduce(sum) failed: ..."; shared memory: "rank 0: shared-memory all_reduce(sum)
+    # (op 31) failed: rank 1's process died".
+    assert re.search(rf"CommunicationError: rank {rank}: (shared-memory )?\w+(\(\w+\))?( \(op \d+\))? failed",
+                     message), message
     noticed = float(re.findall(r"noticed ([\d.]+)s after the last good step", message)[-1])
     assert noticed < TIMEOUT_S + NOTICE_MARGIN_S, message
 
@@ -104,10 +109,12 @@ def small_model(make_tiny_config: Callable) -> tuple[LadderConfig, dict]:
     return config, random_full_state_dict(config, seed=0)
 
 
-def test_killed_rank_makes_the_others_fail_within_the_timeout(small_model: tuple) -> None:
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_killed_rank_makes_the_others_fail_within_the_timeout(small_model: tuple, transport: str) -> None:
     started = time.monotonic()
     with pytest.raises(LaunchError) as failure:
-        launch(decode_with_a_failing_rank, 3, *small_model, 1, "kill", timeout_s=TIMEOUT_S)
+        launch(decode_with_a_failing_rank, 3, *small_model, 1, "kill", timeout_s=TIMEOUT_S,
+               placement=Placement(transport=transport))
     elapsed = time.monotonic() - started
     messages = _rank_messages(failure.value)
     assert sorted(messages) == [0, 1, 2]
@@ -117,9 +124,11 @@ def test_killed_rank_makes_the_others_fail_within_the_timeout(small_model: tuple
     assert elapsed < STARTUP_ALLOWANCE_S + TIMEOUT_S
 
 
-def test_hung_rank_makes_the_others_fail_at_the_timeout(small_model: tuple) -> None:
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_hung_rank_makes_the_others_fail_at_the_timeout(small_model: tuple, transport: str) -> None:
     with pytest.raises(LaunchError) as failure:
-        launch(decode_with_a_failing_rank, 2, *small_model, 1, "hang", timeout_s=TIMEOUT_S)
+        launch(decode_with_a_failing_rank, 2, *small_model, 1, "hang", timeout_s=TIMEOUT_S,
+               placement=Placement(transport=transport))
     messages = _rank_messages(failure.value)
     _assert_noticed_it(messages[0], 0)
     assert float(re.findall(r"noticed ([\d.]+)s", messages[0])[-1]) > TIMEOUT_S / 2  # it did wait for it
@@ -129,7 +138,7 @@ def test_hung_rank_makes_the_others_fail_at_the_timeout(small_model: tuple) -> N
 
 JOIN_ALONE = """
 import json, sys, time
-from ladder import distributed as comm
+from ladder import comm, launcher
 started = time.monotonic()
 try:
     comm.init(timeout_s=float(sys.argv[1]))
@@ -151,7 +160,7 @@ def test_rank_that_never_arrives_gives_a_clear_error_within_the_timeout() -> Non
     alone = {}
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(comm.free_port()))
+                   MASTER_PORT=str(launcher.free_port()))
         alone[rank] = subprocess.Popen([sys.executable, "-c", JOIN_ALONE, str(timeout)], env=env,
                                        stdout=subprocess.PIPE, text=True)
     for rank, process in alone.items():

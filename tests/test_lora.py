@@ -11,13 +11,14 @@ from test_train import text_file, tiny_checkpoint
 from torch import nn
 
 from ladder import LadderConfig, LadderForCausalLM, random_full_state_dict
-from ladder.lora import InputSplit, LoRAConfig, LoRALinear, adapters, merge_adapters
-from ladder.train import Settings, Trainer, finetune, prepare_model
+from ladder.finetune import Settings, Trainer, finetune, prepare_model
+from ladder.lora import LoRAConfig, LoRALinear, adapters, merge_adapters
+from ladder.sharding import TensorShard
 
 
 def test_adapter_starts_as_the_base_and_merges_exactly() -> None:
     base = nn.Linear(12, 7)
-    lora = LoRALinear(base, LoRAConfig(rank=3, alpha=6.0, dropout=0.5), None, None, seed=1)
+    lora = LoRALinear(base, LoRAConfig(rank=3, alpha=6.0, dropout=0.5), TensorShard((7, 12)), seed=1)
     assert lora.weight is base.weight and lora.bias is base.bias
     x = torch.randn(4, 12)
     lora.eval()
@@ -34,8 +35,9 @@ def test_adapter_starts_as_the_base_and_merges_exactly() -> None:
 def test_row_parallel_shards_sum_to_the_whole_adapter() -> None:
     """A row-parallel adapter split in two (A by columns, B whole) adds up to the unsplit one."""
     config = LoRAConfig(rank=2, alpha=2.0)
-    whole = LoRALinear(nn.Linear(10, 5, bias=False), config, None, None, seed=9)
-    halves = [LoRALinear(nn.Linear(5, 5, bias=False), config, 1, InputSplit(start, 10), seed=9) for start in (0, 5)]
+    whole = LoRALinear(nn.Linear(10, 5, bias=False), config, TensorShard((5, 10)), seed=9)
+    halves = [LoRALinear(nn.Linear(5, 5, bias=False), config, TensorShard((5, 10), 1, start, start + 5), seed=9)
+              for start in (0, 5)]
     with torch.no_grad():
         whole.lora_B.normal_()
         for half, start in zip(halves, (0, 5), strict=True):

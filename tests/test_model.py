@@ -13,8 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from ladder import LadderConfig, LadderForCausalLM, Schedule, random_full_state_dict
-from ladder import distributed as comm
+from ladder import LadderConfig, LadderForCausalLM, Schedule, comm, random_full_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -39,7 +38,7 @@ def reference_logits(hf: torch.nn.Module, schedules: list[Schedule], ids: torch.
 
     `full` is the whole stream; `stale` is the stream without the most recent MLP output, which is what
     a ladder layer's attention reads (r_i = h_i(r_{i-2}) + r_{i-1}). A ladder layer's MLP reads `full`
-    without its own attention output. At the boundaries (DESIGN.md section 1): after a standard layer
+    without its own attention output. At the boundaries (the reference hybrid checkpoints' convention): after a standard layer
     `stale` is the stream before its MLP output was added, so a following ladder attention reads that;
     a standard layer reads `full`, everything settled; the output is `full` after the last layer.
     Parallel layers (one norm, A + M) are only restated on their own.

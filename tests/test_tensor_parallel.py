@@ -15,13 +15,14 @@ import torch
 from ladder import (
     LadderConfig,
     LadderForCausalLM,
+    Placement,
     Sampling,
     Schedule,
+    comm,
     generate,
     launch,
     random_full_state_dict,
 )
-from ladder import distributed as comm
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -107,27 +108,31 @@ def _cases(world: int, make_tiny: Callable, make_smol: Callable) -> dict[str, tu
 
 
 @pytest.fixture(scope="module")
-def runs(make_tiny_config: Callable, make_smollm2_layout_config: Callable) -> Callable[[int], list[dict]]:
-    """Each rank's results at a world size, launched once per module and only when a test asks."""
-    cache: dict[int, list[dict]] = {}
+def runs(make_tiny_config: Callable, make_smollm2_layout_config: Callable) -> Callable[..., list[dict]]:
+    """Each rank's results at a world size over a transport, launched once per module and only when a
+    test asks."""
+    cache: dict[tuple[int, str], list[dict]] = {}
 
-    def at(world: int) -> list[dict]:
-        if world not in cache:
+    def at(world: int, transport: str = "shm") -> list[dict]:
+        if (world, transport) not in cache:
             cases = _cases(world, make_tiny_config, make_smollm2_layout_config)
-            cache[world] = [run_cases(cases)] if world == 1 else launch(run_cases, world, cases, timeout_s=60)
-        return cache[world]
+            cache[world, transport] = [run_cases(cases)] if world == 1 else launch(
+                run_cases, world, cases, timeout_s=60, placement=Placement(transport=transport))
+        return cache[world, transport]
 
     return at
 
 
 TP_PARAMS = ([(w, c) for w in (2, 3, 4) for c in TINY_SCHEDULES] + [(2, c) for c in TP2_ONLY]
              + [(w, c) for w in (2, 4) for c in SMOL_SCHEDULES])
+TRANSPORT_PARAMS = [(w, c, t) for t in ("shm", "gloo") for w, c in TP_PARAMS]
 
 
-@pytest.mark.parametrize(("world", "case"), TP_PARAMS, ids=[f"tp{w}-{c}" for w, c in TP_PARAMS])
-def test_tp_matches_tp1(world: int, case: str, runs: Callable) -> None:
+@pytest.mark.parametrize(("world", "case", "transport"), TRANSPORT_PARAMS,
+                         ids=[f"{t}-tp{w}-{c}" for w, c, t in TRANSPORT_PARAMS])
+def test_tp_matches_tp1(world: int, case: str, transport: str, runs: Callable) -> None:
     reference = runs(1)[0][case]
-    ranks = runs(world)
+    ranks = runs(world, transport)
     local = [r[case]["local_vocab"] for r in ranks]
     assert sum(local) == reference["local_vocab"] and max(local) < reference["local_vocab"]  # really split
     for rank, results in enumerate(ranks):
@@ -141,6 +146,8 @@ def test_tp_matches_tp1(world: int, case: str, runs: Callable) -> None:
         assert got["waits"] and all(n == 1 for n in got["waits"]), f"rank {rank}: waits {got['waits']}"
         assert got["rejects_bad_ids"], f"rank {rank} accepted a token id outside the vocabulary"
     assert reference["sampled"] != reference["greedy"]  # sampling did something, so agreement means something
+    if transport == "shm":  # every rank sums the partials in rank order: bitwise the same results
+        assert all(torch.equal(r[case]["logits"], ranks[0][case]["logits"]) for r in ranks)
 
 
 def test_upper_bound_runs_at_tp2(runs: Callable) -> None:

@@ -17,17 +17,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from conversion.writer import CheckpointWriter
 from ladder import LadderConfig, LadderForCausalLM, from_pretrained, random_full_state_dict
-from ladder.train import (
-    FinetuneError,
-    Settings,
-    Trainer,
-    finetune,
-    prepare_model,
-    validation_loss,
-    vocab_parallel_cross_entropy,
-)
+from ladder.finetune import FinetuneError, Settings, Trainer, finetune, prepare_model, validation_loss
+from ladder.vocab import vocab_parallel_cross_entropy
+from ladder.writer import CheckpointWriter
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. Winston Smith, his chin "

@@ -16,18 +16,12 @@ import pytest
 import torch
 from conftest import hybrid, smollm2_layout_config
 
-from ladder import LadderForCausalLM, Schedule, random_full_state_dict
-from ladder import distributed as comm
+from ladder import LadderForCausalLM, Schedule, comm, launcher, random_full_state_dict
+from ladder.checkpoint import gather_state_dict
+from ladder.finetune import Settings, Trainer, prepare_model
+from ladder.finetune.trainer import trainable_shards
 from ladder.lora import adapters, merge_adapters
-from ladder.train import (
-    Settings,
-    Trainer,
-    base_shard,
-    describe_shards,
-    gather_full_state,
-    gather_whole,
-    prepare_model,
-)
+from ladder.sharding import join
 
 TP, DP = 2, 2
 VARIANTS = {  # name: (schedule per layer, LoRA rank)
@@ -60,13 +54,13 @@ def build(schedule: str, lora_rank: int, rank: int | None = None, world: int | N
     model.load_full_state_dict(random_full_state_dict(config, seed=3, std=0.2))
     settings = settings_for(lora_rank)
     prepare_model(model, settings)
-    shards = describe_shards(model)
+    shards = trainable_shards(model)
     with torch.no_grad():
         for name, module in adapters(model).items():
             # B starts at zero, which would leave A without a gradient: give it the same random
             # full value at every TP size, each rank taking its own rows.
             shard = shards[name + ".lora_B"]
-            full = torch.randn(shard.full if shard.dim == 0 else module.out_features, lora_rank,
+            full = torch.randn(shard.full_shape[0], lora_rank,
                                generator=torch.Generator().manual_seed(len(name)))
             module.lora_B.copy_(full if shard.dim is None else full.narrow(0, shard.start, module.out_features))
     trainer = Trainer(model, settings, total_steps=10)
@@ -79,22 +73,20 @@ def build(schedule: str, lora_rank: int, rank: int | None = None, world: int | N
 
 def whole_tensors(model: LadderForCausalLM, trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
     """Every trainable tensor (or its gradient) whole, on rank 0; every rank calls in the same order."""
-    with torch.device("meta"):
-        full_names = [n for n, p in LadderForCausalLM(model.config, 0, 1).named_parameters()]
+    full_names = list(model.plan.full_shapes())
     names = full_names + [n for n in trainer.names if "lora_" in n]
     own = dict(zip(trainer.names, trainer.params, strict=True))
-    shards = describe_shards(model)
+    shards = trainable_shards(model)
     out = {}
     for name in names:
-        if name in full_names and name not in own and trainer.settings.lora is None:
-            shard = base_shard(model.plan, name)  # a row-parallel bias this rank does not hold
-        elif name not in own:
-            continue
-        else:
-            shard = shards[name]
-        param = own.get(name)
-        tensor = None if param is None else (param.grad if grads else param.detach())
-        out[name] = gather_whole(tensor, shard)
+        if name not in own and not (name in full_names and trainer.settings.lora is None):
+            continue  # a frozen base tensor under LoRA
+        param = own.get(name)  # None: a row-parallel bias this rank does not hold
+        tensor = None if param is None else (param.grad if grads else param.detach()).clone()
+        gathered = comm.gather_objects(None if param is None else (shards[name], tensor))
+        if gathered is not None:
+            held = [(None, None) if g is None else g for g in gathered]
+            out[name] = join([s for s, _ in held], [t for _, t in held])
     return out
 
 
@@ -120,7 +112,7 @@ def _train_step_on_rank() -> dict[str, Any] | None:
                 merge_adapters(model)
                 merged = model.gather_vocab(model(inputs[:, :-1]))
             out["merge_error"] = ((adapted - merged).abs().max() / adapted.abs().max()).item()
-            out["saved"] = gather_full_state(model)
+            out["saved"] = gather_state_dict(model)
         results[variant] = out
     return results if comm.global_rank() == 0 else None
 
@@ -140,7 +132,7 @@ def reference(schedule: str, lora_rank: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def distributed_results() -> dict[str, Any]:
-    return comm.launch(_train_step_on_rank, TP * DP, placement=comm.Placement(threads=1), timeout_s=120)[0]
+    return launcher.launch(_train_step_on_rank, TP * DP, placement=launcher.Placement(threads=1), timeout_s=120)[0]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

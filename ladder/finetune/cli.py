@@ -1,0 +1,26 @@
+"""`ladder finetune CKPT --data FILE... --out DIR`: the command line of `finetune`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ladder.finetune.run import finetune
+from ladder.finetune.settings import FinetuneError, add_arguments, settings_from_args
+
+HELP = "fine-tune a Ladder checkpoint (full or LoRA) under TP x DP ranks"
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = finetune(settings_from_args(args))
+    except FinetuneError as exc:
+        raise SystemExit(f"ladder finetune: error: {exc}") from None
+    if summary is None:
+        return 0
+    if summary["val_loss"] is not None:
+        print(f"validation loss {summary['val_loss']:.4f}, perplexity {summary['val_ppl']:.3f}")
+    print(f"{summary['steps'] - summary['resumed_from_step']} steps, {summary['train_tokens']} tokens in "
+          f"{summary['train_seconds']:.1f} s; wrote {summary['out']}")
+    return 0

@@ -1,0 +1,188 @@
+"""Starting ranks: where each runs (cores, threads) and running one function on N of them.
+
+`run` is the one entry point every command uses. Under torchrun (WORLD_SIZE in the environment)
+this process already is one rank: it joins the group and runs the function. For one rank it simply
+calls the function. Otherwise it spawns N local ranks, each joining a gloo group over loopback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ladder import comm
+
+
+class LaunchError(RuntimeError):
+    """One or more ranks of a launched job failed; the message has each failing rank's error."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which cores a rank may run on, how many torch threads it uses, and how it communicates.
+
+    `pin=False` (the default) leaves every rank free to run on any core: pinning a rank to one core
+    starves gloo's communication threads unless they run at real-time priority. `cores` lists each
+    rank's core set explicitly and overrides the even split that `pin=True` makes.
+
+    `realtime_communication` (the default) gives gloo's threads real-time priority, so a reduction
+    moves as soon as its data arrives instead of waiting until a busy compute thread yields its
+    core. It needs root or CAP_SYS_NICE and is skipped without them. `transport` (auto, shm or
+    gloo) and `link` (an emulated interconnect) are `ladder.comm.init`'s.
+    """
+
+    pin: bool = False
+    threads: int | None = None
+    cores: Sequence[Sequence[int]] | None = None
+    realtime_communication: bool = True
+    transport: str | None = None
+    link: str | None = None
+
+    def cores_for(self, rank: int, world: int) -> list[int] | None:
+        if self.cores is not None:
+            return list(self.cores[rank % len(self.cores)])
+        if not self.pin:
+            return None
+        available = sorted(os.sched_getaffinity(0))
+        share = max(1, len(available) // world)
+        start = (rank * share) % len(available)
+        return available[start:start + share]
+
+    def threads_for(self, rank: int, world: int) -> int:
+        if self.threads is not None:
+            return self.threads
+        cores = self.cores_for(rank, world)
+        return len(cores) if cores else max(1, len(os.sched_getaffinity(0)) // world)
+
+    def apply(self, rank: int, world: int) -> None:
+        """Pin and size this process (before joining the group, which starts gloo's threads)."""
+        cores = self.cores_for(rank, world)
+        if cores:
+            os.sched_setaffinity(0, cores)
+        torch.set_num_threads(self.threads_for(rank, world))
+
+    def join(self, rank: int, world: int, timeout_s: float) -> None:
+        """Apply the placement, then join the process group described by the environment."""
+        self.apply(rank, world)
+        comm.init(timeout_s, realtime_threads=self.realtime_communication, transport=self.transport, link=self.link)
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one rank of a torchrun job (its world is the environment's)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run(fn: Callable[..., Any], world: int, *args: Any, placement: Placement | None = None,
+        timeout_s: float = comm.DEFAULT_TIMEOUT_S, **kwargs: Any) -> list[Any]:
+    """`fn(*args, **kwargs)` on `world` ranks; the results of the ranks this process ran.
+
+    Under torchrun `world` is the environment's and the list holds this rank's result only; at one
+    rank it holds the one result; otherwise `launch` spawns the ranks and returns every result.
+    """
+    placement = placement or Placement()
+    if under_torchrun():
+        placement.join(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), timeout_s)
+        failing = True
+        try:
+            result = [fn(*args, **kwargs)]
+            failing = False
+            return result
+        finally:
+            comm.shutdown(failing)
+    if world == 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(placement.threads or previous)
+        try:
+            return [fn(*args, **kwargs)]
+        finally:
+            torch.set_num_threads(previous)
+    return launch(fn, world, *args, placement=placement, timeout_s=timeout_s, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, placement: Placement,
+               timeout_s: float, results: Any, args: tuple, kwargs: dict) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        placement.join(rank, world, timeout_s)
+        # Plain pickle sends tensors by value: a shared-memory handle would die with this process.
+        results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+        comm.shutdown(failing=True)
+        raise SystemExit(1) from None
+    comm.shutdown()
+
+
+def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement | None = None,
+           timeout_s: float = comm.DEFAULT_TIMEOUT_S, **kwargs: Any) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on `world` spawned local gloo ranks and return each rank's result.
+
+    `fn` must be importable (a module-level function). If a rank fails, the others get
+    `timeout_s` (plus a margin) to notice on their own before they are killed, and `LaunchError`
+    reports every rank's failure.
+    """
+    placement = placement or Placement()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, daemon=True,
+                         args=(fn, r, world, port, placement, timeout_s, results, args, kwargs))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    first_failure: float | None = None
+    grace = timeout_s + 10.0
+    while len(outcomes) < world:
+        try:
+            r, ok, value = results.get(timeout=0.05)
+            outcomes[r] = (ok, value)
+            if not ok and first_failure is None:
+                first_failure = time.monotonic()
+            continue
+        except queue.Empty:
+            pass
+        for r, p in enumerate(procs):
+            if r not in outcomes and not p.is_alive() and p.exitcode != 0:
+                # Give a dead rank's last message a moment to arrive before recording a bare exit.
+                time.sleep(0.2)
+                while True:
+                    try:
+                        r2, ok, value = results.get_nowait()
+                        outcomes[r2] = (ok, value)
+                    except queue.Empty:
+                        break
+                if r not in outcomes:
+                    outcomes[r] = (False, f"rank {r} exited with code {p.exitcode} without a result")
+                first_failure = first_failure or time.monotonic()
+        if first_failure is not None and time.monotonic() - first_failure > grace:
+            for r, p in enumerate(procs):
+                if r not in outcomes:
+                    p.kill()
+                    outcomes[r] = (False, f"rank {r} was killed: still running {grace:.0f}s after a failure")
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    failures = {r: msg for r, (ok, msg) in sorted(outcomes.items()) if not ok}
+    if failures:
+        detail = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failures.items())
+        raise LaunchError(f"{len(failures)} of {world} ranks failed:\n{detail}")
+    return [pickle.loads(outcomes[r][1]) for r in range(world)]
