@@ -10,12 +10,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import queue
 import socket
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
@@ -116,15 +116,15 @@ def free_port() -> int:
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, placement: Placement,
-               timeout_s: float, results: Any, args: tuple, kwargs: dict) -> None:
+               timeout_s: float, result: Connection, args: tuple, kwargs: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         placement.join(rank, world, timeout_s)
         # Plain pickle sends tensors by value: a shared-memory handle would die with this process.
-        results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
+        result.send((True, pickle.dumps(fn(*args, **kwargs))))
     except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        result.send((False, traceback.format_exc()))
         comm.shutdown(failing=True)
         raise SystemExit(1) from None
     comm.shutdown()
@@ -136,41 +136,33 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
 
     `fn` must be importable (a module-level function). If a rank fails, the others get
     `timeout_s` (plus a margin) to notice on their own before they are killed, and `LaunchError`
-    reports every rank's failure.
+    reports every rank's failure. Each rank reports through a pipe of its own (no named semaphores
+    that a killed job could leave behind).
     """
     placement = placement or Placement()
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(fn, r, world, port, placement, timeout_s, results, args, kwargs))
-             for r in range(world)]
-    for p in procs:
-        p.start()
+    procs, readers = [], []
+    for r in range(world):
+        reader, writer = ctx.Pipe(duplex=False)
+        procs.append(ctx.Process(target=_rank_main, daemon=True,
+                                 args=(fn, r, world, port, placement, timeout_s, writer, args, kwargs)))
+        procs[-1].start()
+        writer.close()  # the rank holds the only write end: its death reads as end of file
+        readers.append(reader)
     outcomes: dict[int, tuple[bool, Any]] = {}
     first_failure: float | None = None
     grace = timeout_s + 10.0
     while len(outcomes) < world:
-        try:
-            r, ok, value = results.get(timeout=0.05)
-            outcomes[r] = (ok, value)
-            if not ok and first_failure is None:
-                first_failure = time.monotonic()
-            continue
-        except queue.Empty:
-            pass
-        for r, p in enumerate(procs):
-            if r not in outcomes and not p.is_alive() and p.exitcode != 0:
-                # Give a dead rank's last message a moment to arrive before recording a bare exit.
-                time.sleep(0.2)
-                while True:
-                    try:
-                        r2, ok, value = results.get_nowait()
-                        outcomes[r2] = (ok, value)
-                    except queue.Empty:
-                        break
-                if r not in outcomes:
-                    outcomes[r] = (False, f"rank {r} exited with code {p.exitcode} without a result")
+        waiting = {readers[r]: r for r in range(world) if r not in outcomes}
+        for ready in wait(list(waiting), timeout=0.05):
+            r = waiting[ready]
+            try:
+                outcomes[r] = ready.recv()
+            except EOFError:
+                procs[r].join(timeout=1)
+                outcomes[r] = (False, f"rank {r} exited with code {procs[r].exitcode} without a result")
+            if not outcomes[r][0]:
                 first_failure = first_failure or time.monotonic()
         if first_failure is not None and time.monotonic() - first_failure > grace:
             for r, p in enumerate(procs):

@@ -55,16 +55,21 @@ def _run(args: list[str], tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("launcher", ["tp1", "spawn", "torchrun"])
-def test_generate_command(checkpoint: Path, tmp_path: Path, launcher: str) -> None:
+@pytest.mark.parametrize(("launcher", "transport"), [("tp1", "none"), ("spawn", "shm"), ("spawn", "gloo"),
+                                                     ("torchrun", "shm"), ("torchrun", "gloo")])
+def test_generate_command(checkpoint: Path, tmp_path: Path, launcher: str, transport: str,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
     prompt, max_new = "w3 w17 w42 w8", 10
     command = ["generate", str(checkpoint), "--prompt", prompt, "--max-new-tokens", str(max_new)]
-    if launcher == "torchrun":
+    if launcher == "torchrun":  # torchrun users choose the transport through the environment
+        monkeypatch.setenv("LADDER_COMM", transport)
         args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "ladder", *command]
     else:
         args = [sys.executable, "-m", "ladder", *command, "--tp", "1" if launcher == "tp1" else "2"]
+        args += ["--comm", transport] if transport != "none" else []
     result = _run(args, tmp_path)
     assert result["world_size"] == (1 if launcher == "tp1" else 2)
+    assert result["transport"] == transport
     assert result["tokens"][0] == _expected(checkpoint, prompt, max_new)
     assert result["answers"][0] == " ".join(f"w{t}" for t in result["tokens"][0] if t != VOCAB - 1)
 

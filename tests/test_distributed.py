@@ -1,4 +1,4 @@
-"""The collectives and the launcher, on real gloo ranks."""
+"""The collectives and the launcher, on real ranks, over each transport."""
 
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ def _collectives() -> dict:
     out["gathered"] = comm.all_gather(torch.full((2, 3), float(me))).tolist()
     out["object"] = comm.broadcast_object({"from": me})
     out["broadcast"] = comm.broadcast(torch.tensor([me + 7])).item()
+    out["transport"] = comm.transport().name
     return out
 
 
-def test_collectives_on_three_ranks() -> None:
-    results = launcher.launch(_collectives, 3, placement=launcher.Placement(threads=1))
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_collectives_on_three_ranks(transport: str) -> None:
+    results = launcher.launch(_collectives, 3, placement=launcher.Placement(threads=1, transport=transport))
+    assert {out["transport"] for out in results} == {transport}
     for r, out in enumerate(results):
         assert (out["rank"], out["world"], out["threads"]) == (r, 3, 1)
         assert out[str(torch.float32)] < 1e-6

@@ -18,8 +18,8 @@ import torch
 
 from ladder.comm.transport import Reduction, Transport
 
-_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
-_RATES = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}  # per second
+_RATES = {"bit": 1.0, "kbit": 1e-3, "mbit": 1e-6, "gbit": 1e-9}  # per bit/s
 # Sleeping wakes a little late; the last stretch before a deadline is spun instead.
 _SPIN_TAIL_S = 60e-6
 
@@ -42,7 +42,7 @@ class Link:
             if table is None or match is None or match[2] not in table:
                 raise ValueError(f"link {spec!r}: expected latency=<number><{'|'.join(_UNITS)}> and/or "
                                  f"bandwidth=<number><{'|'.join(_RATES)}>, e.g. latency=200us,bandwidth=10gbit")
-            fields[key] = float(match[1]) * table[match[2]]
+            fields[key] = float(match[1]) / table[match[2]]
         return cls(fields.get("latency", 0.0), fields.get("bandwidth", 0.0))
 
     def seconds(self, tensor: torch.Tensor) -> float:
