@@ -84,3 +84,15 @@ def one_compute_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+OPT_IN_MARKERS = ("slow", "netns")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow or netns run only when `-m` names their marker."""
+    chosen = config.getoption("-m") or ""
+    for item in items:
+        for marker in OPT_IN_MARKERS:
+            if marker in item.keywords and marker not in chosen:
+                item.add_marker(pytest.mark.skip(reason=f"opt-in: run with -m {marker}"))

@@ -4,6 +4,7 @@ link, and what is left in /dev/shm after a job, normal or killed."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -162,3 +163,43 @@ def test_emulated_link_delays_each_reduction_by_its_latency() -> None:
         hidden_wait, _ = timings["hidden"]
         assert latency * 0.9 < exposed_wait < latency * 3
         assert hidden_wait < latency * 0.25
+
+
+# --- two real "hosts": network namespaces, two ranks each, under torchrun (opt-in) ------------------
+
+TWO_HOSTS_JOB = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    from ladder import comm
+    from ladder.launcher import run
+
+    def check():
+        me = comm.global_rank()
+        return {"name": comm.transport().name,
+                "sum": comm.all_reduce(torch.arange(5.0) * (me + 1)).tolist(),
+                "max": comm.all_reduce(torch.tensor([float(me), -float(me)]), op="max").tolist()}
+
+    rank = os.environ["RANK"]
+    result = run(check, 0)[0]
+    open(f"{sys.argv[1]}/rank{rank}.json", "w").write(json.dumps(result))
+""")
+
+
+@pytest.mark.netns
+def test_two_namespace_hosts_of_two_ranks_each(tmp_path: Path) -> None:
+    from ladder_benchmarks.netns import ADDRESSES, DEVICES, NAMESPACES, SlowLink, availability
+
+    if reason := availability():
+        pytest.skip(reason)
+    script = tmp_path / "job.py"
+    script.write_text(TWO_HOSTS_JOB)
+    with SlowLink(rate=None):
+        jobs = [subprocess.Popen(
+            ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}", sys.executable, "-m",
+             "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+             "--master-addr", ADDRESSES[0], "--master-port", "29531", str(script), str(tmp_path)])
+            for node, (ns, dev) in enumerate(zip(NAMESPACES, DEVICES, strict=True))]
+        assert [job.wait(timeout=180) for job in jobs] == [0, 0]
+    for rank in range(4):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert out == {"name": "shm+gloo", "sum": [0.0, 10.0, 20.0, 30.0, 40.0], "max": [3.0, 0.0]}
