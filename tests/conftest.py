@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -74,6 +75,22 @@ def make_smollm2_layout_config() -> Callable[..., LadderConfig]:
 @pytest.fixture(scope="session")
 def hf_llama() -> Callable[..., torch.nn.Module]:
     return hf_llama_model
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    """A small random transformers Llama, the conversion tests' source model."""
+    from conversion_sources import random_llama
+
+    return random_llama()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(llama: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`llama` saved as a Hugging Face directory."""
+    from conversion_sources import write_hf
+
+    return write_hf(llama, tmp_path_factory.mktemp("hf") / "src")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -214,3 +215,37 @@ def write_gguf(model: LlamaForCausalLM, path: Path, quantization: gguf.GGMLQuant
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --- shared by the conversion test modules -----------------------------------------------------------
+
+IDS = torch.tensor([[5, 77, 100, 3, 250, 260, 8, 9, 42, 199, 7, 31]])
+TEXTS = ["the 12 then <|im_start|>in", "Hello world, où est 2024?\n\n  tabs\tand spaces  ", "a<think>b"]
+
+
+def logits_of(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return getattr(out, "logits", out)
+
+
+def assert_close_logits(ours: torch.Tensor, reference: torch.Tensor, tol: float = 1e-4) -> None:
+    assert reference.abs().max() > 0.5, "the reference logits are too flat to tell models apart"
+    assert (ours - reference).abs().max().item() <= tol
+
+
+def assert_nothing_written(dst: Path) -> None:
+    assert not dst.exists()
+    assert not list(dst.parent.glob(f".{dst.name}.partial-*")), "a temporary directory was left behind"
+
+
+def rewrite_weights(src: Path, change) -> None:
+    tensors = load_file(src / "model.safetensors")
+    change(tensors)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def rewrite_config(src: Path, **fields) -> None:
+    config = json.loads((src / "config.json").read_text())
+    config.update(fields)
+    (src / "config.json").write_text(json.dumps(config))
