@@ -5,25 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .collectives import collective_table, collectives_per_token, cpu_us
+from .sweep import sweep_plot, sweep_table
+from .targets import targets_table
+from .text import fmt as _fmt
+from .text import save_figure as _save
+
 PAPER_OVERLAP_EFFICIENCY = 0.72  # the Ladder-Residual paper's: 70B, TP=8, H100, batch 1
 ORDER = ("standard", "ladder", "parallel", "upper-bound", "hf-transformers", "pytorch-tp")
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _fmt(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if value != value else f"{value:.{digits}f}"
-    return str(value)
 
 
 def _names(variants: dict[str, Any]) -> list[str]:
@@ -34,12 +23,23 @@ def _tp_label(session: dict[str, Any]) -> str:
     return f"{session['tp']}{' (oversubscribed)' if session['oversubscribed'] else ''}"
 
 
+def _transport(session: dict[str, Any]) -> str:
+    """The session's transport; '-' at TP=1, which has none."""
+    return session.get("transport") or "-"
+
+
+def _session_label(session: dict[str, Any]) -> str:
+    """'TP=2 shm' (a '*' marks an oversubscribed TP size), for plot ticks and column heads."""
+    star = "*" if session["oversubscribed"] else ""
+    return f"TP={session['tp']}{star}" + (f" {session['transport']}" if session.get("transport") else "")
+
+
 def _session_rows(session: dict[str, Any], batches: list[int]) -> list[str]:
     rows = []
     variants = session["variants"]
     for name in _names(variants):
         v = variants[name]
-        cells = [_tp_label(session), name]
+        cells = [_tp_label(session), _transport(session), name]
         cells += [_fmt(v["decode_ms"].get(b)) for b in batches]
         cells += [_fmt(1e3 / v["decode_ms"][1], 1) if 1 in v["decode_ms"] else "-"]
         cells += [_fmt(session["speedup_vs_standard"].get(name, {}).get(b), 2) for b in batches]
@@ -61,13 +61,13 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"{' / '.join(f'{x:.2f}' for x in report['load_before'])}, after: "
         f"{' / '.join(f'{x:.2f}' for x in report['load_after'])}. Wall time {report['wall_seconds']:.0f} s.",
         "",
-        f"Method: per (shape, TP) one launch; all variants hold the same weights and are measured interleaved "
+        f"Method: per (shape, TP, transport) one launch (TP=1 has no transport); all variants hold the same weights and are measured interleaved "
         f"(A B C D, {workload['repeats']} rounds per batch size after a warm-up; at most 3 when the TP size oversubscribes the cores); each run generates "
         f"{workload['new_tokens']} tokens greedily after a {workload['prompt_tokens']}-token prompt; figures are medians "
         f"over rounds of each run's mean decode step. Prefill: a {workload['prefill_tokens']}-token prompt, batch 1, "
         f"{workload['prefill_repeats']} rounds. Blocked = time per decode step spent waiting on communication (`Pending.wait` and the blocking all-gather that picks the next token), per rank.",
         "",
-        *_targets(report),
+        *targets_table(report),
         "## Memory-bandwidth roofline",
         "",
         "| threads | fp32 matrix-vector GB/s, weight [out, in] in memory | weight [in, out] in memory (the model's) |",
@@ -80,80 +80,47 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         sessions = [s for s in report["sessions"] if s["shape"] == shape]
         checkpoint = sessions[0]["checkpoint"]
         lines += [f"## {shape} ({'checkpoint ' + checkpoint if checkpoint else 'random weights'})", ""]
-        header = (["TP", "variant"] + [f"decode ms/token b={b}" for b in batches] + ["tokens/s b=1"]
+        header = (["TP", "transport", "variant"] + [f"decode ms/token b={b}" for b in batches] + ["tokens/s b=1"]
                   + [f"speedup vs standard b={b}" for b in batches]
                   + [f"prefill {workload['prefill_tokens']} ms", "e2e tokens/s b=1", "blocked ms/token b=1 (per rank)",
                      "of roofline b=1"])
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for session in sessions:
             lines += _session_rows(session, batches)
-        lines += ["", "| TP | overlap efficiency " + " | ".join(f"b={b}" for b in batches)
+        lines += ["", "| TP | transport | overlap efficiency " + " | ".join(f"b={b}" for b in batches)
                   + " | blocked time hidden " + " | ".join(f"b={b}" for b in batches)
                   + " | roofline tokens/s | weights MB/rank | resident MB/rank after load | peak RSS MB/rank "
                   "(incl. baselines) | threads/rank |",
-                  "|" + "---|" * (2 * len(batches) + 6)]
+                  "|" + "---|" * (2 * len(batches) + 7)]
         for s in sessions:
             eff = [_fmt(s.get(key, {}).get(b), 2) for key in ("overlap_efficiency", "hidden_wait_share") for b in batches]
-            lines.append(f"| {_tp_label(s)} | " + " | ".join(eff) + f" | {_fmt(s.get('roofline_tokens_per_s'))} | "
+            lines.append(f"| {_tp_label(s)} | {_transport(s)} | " + " | ".join(eff) + f" | {_fmt(s.get('roofline_tokens_per_s'))} | "
                          f"{' / '.join(map(str, s['streamed_mb_per_rank']))} | "
                          f"{' / '.join(map(str, s['resident_mb_after_load']))} | "
                          f"{' / '.join(map(str, s['peak_rss_mb']))} | {' / '.join(map(str, s['threads_per_rank']))} |")
         notes = {name: why for s in sessions for name, why in s["unavailable"].items()}
-        lines += [""] + [f"- {name} at TP={s['tp']} did not run: {s['unavailable'][name]}"
+        lines += [""] + [f"- {name} at {_session_label(s)} did not run: {s['unavailable'][name]}"
                          for s in sessions for name in s["unavailable"]] if notes else []
         lines.append("")
         lines += _scaling_table(sessions)
-        profiled = [s for s in sessions if s["profile"]]
-        if profiled:
-            lines += [*_profile_table(profiled[0]), ""]
-    lines += _collective_table(report.get("collective_cost", {}))
-    lines += _placement_table(report.get("placements", [])) + _slow_link_table(report.get("slow_link", {}))
+        for profiled in (s for s in sessions if s["profile"]):
+            lines += [*_profile_table(profiled), ""]
+    lines += collective_table(report.get("collective_cost", {}))
+    lines += sweep_table(report.get("latency_sweep", {}))
+    lines += _placement_table(report.get("placements", []))
+    lines += _slow_link_table(report.get("slow_link", {}), report.get("collective_cost", {}))
+    lines += _section_times(report.get("section_seconds", {}))
     lines += [f"Paper reference overlap efficiency (70B, TP=8, H100, batch 1): {PAPER_OVERLAP_EFFICIENCY}.", ""]
     path.write_text("\n".join(lines))
 
 
-def _find(report: dict[str, Any], shape: str, tp: int) -> dict[str, Any] | None:
-    return next((s for s in report["sessions"] if s["shape"] == shape and s["tp"] == tp), None)
-
-
-def _targets(report: dict[str, Any]) -> list[str]:
-    """The issue's targets next to what this run measured (batch 1)."""
-    rows = []
-    tp1, tp2 = _find(report, "smollm2-135m", 1), _find(report, "smollm2-135m", 2)
-    if tp1 and "hf-transformers" in tp1["variants"]:
-        v = tp1["variants"]
-        ratio = v["hf-transformers"]["decode_ms"][1] / v["standard"]["decode_ms"][1]
-        rows.append(("SmolLM2 TP=1 decode vs transformers (standard schedule)", ">= 2x", f"{ratio:.2f}x", ratio >= 2))
-    if tp1 and "roofline_fraction_batch1" in tp1:
-        share = tp1["roofline_fraction_batch1"]["standard"]
-        rows.append(("SmolLM2 TP=1 decode, share of the roofline", ">= 0.70", f"{share:.2f}", share >= 0.7))
-    if tp2 and tp2["overlap_efficiency"].get(1) is not None:
-        eff = tp2["overlap_efficiency"][1]
-        rows.append(("SmolLM2 TP=2 ladder overlap efficiency", ">= 0.8", f"{eff:.2f}", eff >= 0.8))
-    if tp2 and tp2.get("hidden_wait_share", {}).get(1) is not None:
-        share = tp2["hidden_wait_share"][1]
-        rows.append(("(for information) SmolLM2 TP=2: share of standard's blocked time the ladder hides", "-",
-                     f"{share:.2f}", None))
-    for run in report.get("slow_link", {}).get("runs", []):
-        if run["link"]["qdisc"]:
-            speedup = run["speedup_vs_standard"]["ladder"][1]
-            rows.append((f"{run['shape']} TP=2 over a {run['link']['rate']} link, ladder vs standard", ">= 1.3x",
-                         f"{speedup:.2f}x", speedup >= 1.3))
-    if not rows:
-        return []
-    lines = ["## Targets (batch 1)", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
-    verdict = {True: "yes", False: "no", None: "-"}
-    lines += [f"| {name} | {want} | {got} | {verdict[ok]} |" for name, want, got, ok in rows]
-    return [*lines, ""]
-
-
 def _scaling_table(sessions: list[dict[str, Any]]) -> list[str]:
-    """TP=N vs TP=1 decode speed (batch 1) per schedule."""
+    """TP=N (each transport) vs TP=1 decode speed (batch 1) per schedule."""
     base = next((s for s in sessions if s["tp"] == 1), None)
     others = [s for s in sessions if s["tp"] > 1]
     if not base or not others:
         return []
-    lines = ["| scaling vs TP=1, batch 1 | " + " | ".join(f"TP={_tp_label(s)}" for s in others) + " |",
+    lines = ["| scaling vs TP=1, batch 1 (* = oversubscribed) | " + " | ".join(_session_label(s) for s in others) + " |",
              "|" + "---|" * (len(others) + 1)]
     for name in ("standard", "ladder", "parallel", "upper-bound"):
         if name in base["variants"]:
@@ -165,8 +132,9 @@ def _scaling_table(sessions: list[dict[str, Any]]) -> list[str]:
 
 def _profile_table(session: dict[str, Any]) -> list[str]:
     kinds = ["matmul", "attention", "other_ops", "collective_calls", "blocked_in_wait", "python_and_dispatch", "wall"]
-    lines = [f"Where a batch-1 decode step's time goes at TP={session['tp']} (torch.profiler, ms/token, "
-             "per rank; the profiler's own overhead is in python_and_dispatch):", "",
+    lines = [f"Where a batch-1 decode step's time goes at {_session_label(session)} (torch.profiler, ms/token, "
+             "per rank; the profiler's own overhead is in python_and_dispatch; shm's collectives are no "
+             "profiler ops, so their time is there too):", "",
              "| rank | variant | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
     for rank, profile in enumerate(session["profile"]):
         for name, parts in profile.items():
@@ -174,25 +142,11 @@ def _profile_table(session: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _collective_table(cost: dict[str, Any]) -> list[str]:
-    """Latency and CPU time of one all-reduce at TP=2, and what the CPU time adds up to per token."""
-    if not cost:
-        return []
-    calls = 2 * cost["layers"] + 2  # two sub-blocks per layer, the embedding, choosing the next token
-    lines = [f"## What one collective costs at TP=2 ({cost['shape']}, {cost['ranks'][0]['floats']} floats)", "",
-             "| rank | latency us | CPU us per call (calling thread asleep) | CPU ms per decode step "
-             f"({calls} collectives) |", "|---|---|---|---|"]
-    for rank, r in enumerate(cost["ranks"]):
-        lines.append(f"| {rank} | {_fmt(r['latency_us'])} | {_fmt(r['cpu_us'])} | {_fmt(r['cpu_us'] * calls / 1e3, 2)} |")
-    return [*lines, "", "gloo hands each message between the calling thread, its worker threads and its TCP "
-            "loop; that CPU time lands on cores that are busy computing, so no schedule can hide it. "
-            "Only the rest of the latency (waiting for the peer and the wire) is there for the ladder to hide.", ""]
-
-
 def _placement_table(placements: list[dict[str, Any]]) -> list[str]:
     if not placements:
         return []
-    lines = [f"## Pinning and threads at TP=2 ({placements[0]['shape']}, batch 1)", "",
+    transport = placements[0].get("transport") or "gloo"
+    lines = [f"## Pinning and threads at TP=2 ({placements[0]['shape']}, batch 1, over {transport})", "",
              "| placement | cores per rank | standard ms/token | ladder ms/token | upper-bound ms/token | "
              "overlap efficiency | blocked ms/token standard (per rank) |", "|---|---|---|---|---|---|---|"]
     for p in placements:
@@ -204,8 +158,8 @@ def _placement_table(placements: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
-def _slow_link_table(slow: dict[str, Any]) -> list[str]:
-    lines = ["## Slow interconnect: TP=2, one rank per network namespace, torchrun rendezvous over a veth pair", ""]
+def _slow_link_table(slow: dict[str, Any], cost: dict[str, Any]) -> list[str]:
+    lines = ["## Slow interconnect: TP=2 over gloo, one rank per network namespace, torchrun rendezvous over a veth pair", ""]
     if "runs" not in slow:
         return [*lines, f"Skipped: {slow.get('skipped', 'not run')}", ""]
     batches = sorted({b for run in slow["runs"] for b in run["variants"]["standard"]["decode_ms"]})
@@ -222,7 +176,29 @@ def _slow_link_table(slow: dict[str, Any]) -> list[str]:
                          + " / ".join(_fmt(x, 2) for x in v["blocked_ms_per_token"][1]) + " |")
     effs = "; ".join(f"{run['link']['rate']}: " + ", ".join(f"b={b} {_fmt(e, 2)}" for b, e in
                                                              run["overlap_efficiency"].items()) for run in slow["runs"])
-    return [*lines, "", f"Overlap efficiency: {effs}.", ""]
+    return [*lines, "", f"Overlap efficiency: {effs}.", "", *_gloo_cpu_share(slow["runs"], cost)]
+
+
+def _gloo_cpu_share(runs: list[dict[str, Any]], cost: dict[str, Any]) -> list[str]:
+    """How much of each slow-link decode step gloo's own CPU time accounts for: its CPU per call on
+    this host (the collective table, loopback) times the collectives of a step, over the step's time."""
+    per_call = cpu_us(cost, "gloo", cost.get("hidden", 0))
+    if not per_call:
+        return []
+    calls = collectives_per_token(cost["layers"])
+    cpu_ms = sum(per_call) / len(per_call) * calls / 1e3
+    shares = "; ".join(f"{run['link']['rate']}: " + ", ".join(
+        f"{name} {cpu_ms / run['variants'][name]['decode_ms'][1]:.0%} of {_fmt(run['variants'][name]['decode_ms'][1])} ms"
+        for name in ("standard", "ladder") if name in run["variants"]) for run in runs)
+    return [f"How much of it gloo's CPU cost eats (batch 1): {calls} collectives per token x "
+            f"{sum(per_call) / len(per_call):.1f} us CPU per call (gloo, {cost['hidden']} floats, the collective "
+            f"table, measured over loopback in this run) = {cpu_ms:.1f} ms per token per rank: {shares}.", ""]
+
+
+def _section_times(seconds: dict[str, float]) -> list[str]:
+    if not seconds:
+        return []
+    return ["Wall time per section: " + ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()) + ".", ""]
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -236,7 +212,8 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
 
     written = []
     shapes = list(dict.fromkeys(s["shape"] for s in report["sessions"]))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 4.5), squeeze=False)
+    widest = max(sum(s["shape"] == shape for s in report["sessions"]) for shape in shapes)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(max(6.5, 1.2 * widest) * len(shapes), 4.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
         sessions = [s for s in report["sessions"] if s["shape"] == shape]
         names = _names({n: None for s in sessions for n in s["variants"]})
@@ -252,7 +229,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
             if "roofline_tokens_per_s" in s:
                 ax.hlines(s["roofline_tokens_per_s"], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
                           label="roofline" if j == 0 else None)
-        ax.set_xticks(range(len(sessions)), [f"TP={_tp_label(s)}".replace(" (oversubscribed)", "*") for s in sessions])
+        ax.set_xticks(range(len(sessions)), [_session_label(s) for s in sessions], fontsize=7)
         ax.set_ylabel("decode tokens/s, batch 1")
         ax.set_title(f"{shape} (* = oversubscribed)")
         ax.legend(fontsize=7)
@@ -262,7 +239,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     for s in report["sessions"]:
         eff = {b: e for b, e in s["overlap_efficiency"].items() if e is not None}
         if eff:
-            ax.plot([str(b) for b in eff], list(eff.values()), marker="o", label=f"{s['shape']} TP={_tp_label(s)}")
+            ax.plot([str(b) for b in eff], list(eff.values()), marker="o", label=f"{s['shape']} {_session_label(s)}")
     for run in report.get("slow_link", {}).get("runs", []):
         eff = {b: e for b, e in run["overlap_efficiency"].items() if e is not None}
         ax.plot([str(b) for b in eff], list(eff.values()), marker="s", linestyle="dotted",
@@ -286,4 +263,5 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(f"{runs[0]['shape']}: one rank per network namespace")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "slow_link.png"))
-    return written
+    sweep = sweep_plot(report.get("latency_sweep", {}), out)
+    return [*written, *([sweep] if sweep else [])]

@@ -1,8 +1,10 @@
 """`ladder bench`: Standard vs Ladder vs Parallel vs upper bound, side by side, with the baselines.
 
-One launch per (shape, TP size) keeps its ranks alive while every variant of the same weights is
-measured interleaved (`session.py`). Around them, in the same run: the memory-bandwidth
-roofline, the pinning/thread alternatives at TP=2, and the slow-interconnect mode. Writes
+One launch per (shape, TP size, transport) keeps its ranks alive while every variant of the same
+weights is measured interleaved (`session.py`); TP=1 has no transport, TP>1 runs once over each of
+`--transports`. Around them, in the same run: the memory-bandwidth roofline, the pinning/thread
+alternatives at TP=2, what one collective costs per transport (`collectives.py`), the latency sweep
+on an emulated link (`sweep.py`) and the slow-interconnect mode (`netns.py`). Writes
 `results.json`, `results.md` and PNG plots to `--out`.
 """
 
@@ -13,55 +15,80 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ladder import comm
 from ladder.launcher import Placement, launch
 from ladder.layers import input_major
 
-from . import netns
+from . import collectives, netns
 from .render import write_markdown, write_plots
 from .session import SessionSpec, run_session
-from .workload import SHAPES, ModelSource, Run, Samples, Workload
+from .summary import summarize
+from .sweep import LATENCIES_US, QUICK_LATENCIES_US, measure_sweep
+from .workload import SHAPES, ModelSource, Workload
 
 HELP = "benchmark Standard vs Ladder vs Parallel vs upper bound, with baselines"
 
+# About gloo's threads, so measured over gloo whatever the default transport.
 PLACEMENTS = {
-    "unpinned, 1 thread/rank, real-time gloo threads (default)": Placement(),
-    "unpinned, 1 thread/rank, normal-priority gloo threads": Placement(realtime_communication=False),
-    "pinned, 1 core/rank, real-time gloo threads": Placement(pin=True),
-    "unpinned, 2 threads/rank, real-time gloo threads": Placement(threads=2),
+    "unpinned, 1 thread/rank, real-time gloo threads (default)": Placement(transport="gloo"),
+    "unpinned, 1 thread/rank, normal-priority gloo threads": Placement(transport="gloo",
+                                                                       realtime_communication=False),
+    "pinned, 1 core/rank, real-time gloo threads": Placement(transport="gloo", pin=True),
+    "unpinned, 2 threads/rank, real-time gloo threads": Placement(transport="gloo", threads=2),
 }
+TRANSPORTS = ("shm", "gloo")
 
 
 def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
+def _float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part]
+
+
+def _transports(text: str) -> list[str]:
+    names = [part for part in text.split(",") if part]
+    unknown = [n for n in names if n not in (*TRANSPORTS, "auto")]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"transports are shm, gloo or auto, got {text!r}")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for JSON, markdown, PNGs")
     parser.add_argument("--shapes", default="smollm2-135m,llama-2048x4",
-                        help=f"comma-separated, from: {', '.join(SHAPES)}")
+                        help=f"comma-separated, from: {', '.join(SHAPES)}; the first is also the shape of the "
+                        "placements, collective-cost, latency-sweep, slow-link sections and of the targets")
     parser.add_argument("--checkpoint", help="converted SmolLM2 checkpoint for the smollm2-135m shape "
                         "(default: random weights of that shape)")
     parser.add_argument("--tp", type=_int_list, default=[1, 2, 3, 4], help="TP sizes, e.g. 1,2,4")
+    parser.add_argument("--transports", type=_transports, default=list(TRANSPORTS),
+                        help="transports of every TP>1 session, e.g. shm,gloo (the collective cost always "
+                        "measures both)")
     parser.add_argument("--batches", type=_int_list, default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per batch size")
     parser.add_argument("--new-tokens", type=int, default=17, help="tokens per timed generation")
+    parser.add_argument("--latencies", type=_float_list, default=None,
+                        help="emulated-link latencies (us) of the TP=2 latency sweep, e.g. 0,100,400; the "
+                        f"sub-block compute time is added (default {','.join(map(str, LATENCIES_US))}; "
+                        "an empty string skips the sweep)")
     parser.add_argument("--no-baselines", action="store_true", help="skip transformers and PyTorch TP")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown at TP=2")
     parser.add_argument("--no-placements", action="store_true", help="skip the pinning/threads comparison")
     parser.add_argument("--slow-link-rate", default="20mbit",
                         help="tc rate of the veth link between the two namespaces; 'off' skips the mode")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny model, TP 1 and 2, a few tokens: checks the machinery in seconds")
+                        help="tiny model, TP 1 and 2, a few tokens, two latencies: checks the machinery quickly")
     parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
                         help="measure nothing: redraw the markdown and plots of an earlier results.json into --out")
 
@@ -73,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.quick:
         shapes, tps, workload = ["tiny"], [t for t in args.tp if t <= 2], Workload.quick()
+        args.latencies = list(QUICK_LATENCIES_US)
     else:
         shapes = [s for s in args.shapes.split(",") if s]
         tps = args.tp
         workload = Workload(batches=tuple(args.batches), repeats=args.repeats, new_tokens=args.new_tokens)
+        args.latencies = list(LATENCIES_US) if args.latencies is None else args.latencies
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
@@ -91,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 def write_outputs(report: dict[str, Any], out: Path) -> None:
     """Markdown and plots, always drawn from the JSON form (so `--render` gives the same result)."""
-    report = _int_keys(report)
-    if "plan" in report:  # a results.json written before "plan" was renamed "workload"
-        report["workload"] = report.pop("plan")
+    report = _upgrade(_int_keys(report))
     write_markdown(report, out / "results.md")
     plots = write_plots(report, out)
     print(f"wrote {out / 'results.md'}, {', '.join(str(p) for p in plots)}")
@@ -108,6 +135,26 @@ def _int_keys(value: Any) -> Any:
     return value
 
 
+def _upgrade(report: dict[str, Any]) -> dict[str, Any]:
+    """A results.json of an earlier version in today's form: every TP>1 launch then ran over gloo."""
+    if "plan" in report:  # before "plan" was renamed "workload"
+        report["workload"] = report.pop("plan")
+    for session in report["sessions"] + report.get("placements", []):
+        session.setdefault("transport", "gloo" if session["tp"] > 1 else None)
+    report["collective_cost"] = collectives.upgrade(report.get("collective_cost", {}))
+    return report
+
+
+@contextmanager
+def _section(report: dict[str, Any], name: str) -> Iterator[None]:
+    """Record the section's wall time in the report (to plan how long a run takes)."""
+    started = time.time()
+    try:
+        yield
+    finally:
+        report.setdefault("section_seconds", {})[name] = round(time.time() - started, 1)
+
+
 def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], workload: Workload,
                 weights: Path) -> dict[str, Any]:
     """Everything, in one run; random weights are written once to `weights` as checkpoints."""
@@ -115,51 +162,70 @@ def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], wor
     command = {name: value for name, value in vars(args).items() if not callable(value)}  # not the `run` hook
     report: dict[str, Any] = {"machine": machine(), "load_before": os.getloadavg(),
                               "workload": dataclasses.asdict(workload), "command": command | {"out": str(args.out)}}
-    report["bandwidth_gb_s"] = measure_bandwidth(quick=args.quick)
+    with _section(report, "bandwidth"):
+        report["bandwidth_gb_s"] = measure_bandwidth(quick=args.quick)
     print(f"matrix-vector bandwidth (GB/s by threads): {report['bandwidth_gb_s']}", flush=True)
-
     sources = {shape: ModelSource(shape, args.checkpoint if shape == "smollm2-135m" else None).materialized(weights)
                for shape in shapes}
-    report["sessions"] = []
+    with _section(report, "sessions"):
+        report["sessions"] = measure_sessions(args, sources, tps, workload, report["bandwidth_gb_s"])
+    lead = sources[shapes[0]]
+    with _section(report, "placements"):
+        report["placements"] = (measure_placements(lead, workload) if not args.no_placements and 2 in tps else [])
+    with _section(report, "collective cost"):
+        sizes = tuple(sorted({*(collectives.QUICK_SIZES if args.quick else collectives.SIZES),
+                              lead.config().hidden_size}))
+        report["collective_cost"] = (collectives.measure_collectives(lead, TRANSPORTS, sizes, args.quick)
+                                     if 2 in tps else {})
+    with _section(report, "latency sweep"):
+        report["latency_sweep"] = (measure_sweep(lead, tuple(args.latencies), workload)
+                                   if 2 in tps and args.latencies else {"skipped": "TP=2 or --latencies not given"})
+    with _section(report, "slow link"):
+        report["slow_link"] = (slow_link(args, lead, workload) if 2 in tps else {"skipped": "TP=2 not requested"})
+    report["load_after"] = os.getloadavg()
+    report["wall_seconds"] = time.time() - started
+    return report
+
+
+def measure_sessions(args: argparse.Namespace, sources: dict[str, ModelSource], tps: list[int],
+                     workload: Workload, bandwidth: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
+    """One launch per (shape, TP, transport). The external baselines run in the first transport's
+    launch only: they bring their own communication, so a second transport would measure them twice."""
+    sessions = []
     for shape, source in sources.items():
         heads = source.config().num_attention_heads
         for tp in tps:
             if tp > heads:
                 print(f"{shape}: TP={tp} skipped (only {heads} heads)")
                 continue
-            print(f"--- {shape} TP={tp} ---", flush=True)
             oversubscribed = tp > len(os.sched_getaffinity(0))
             session_workload = (dataclasses.replace(workload, repeats=min(workload.repeats, 3), prefill_repeats=1)
                                 if oversubscribed else workload)  # slower per token when oversubscribed: fewer rounds
-            spec = SessionSpec(source, session_workload, baselines=not args.no_baselines,
-                               profile=tp == 2 and not args.no_profile)
-            ranks = launch(run_session, tp, spec, timeout_s=600)
-            report["sessions"].append(summarize(shape, source, ranks, report["bandwidth_gb_s"]))
-
-    placement_shape = shapes[0]
-    report["placements"] = []
-    if not args.no_placements and 2 in tps:
-        short = dataclasses.replace(workload, batches=(1,), prefill_repeats=0)
-        spec = SessionSpec(sources[placement_shape], short, schedules=("standard", "ladder", "upper-bound"),
-                           baselines=False)
-        for label, placement in PLACEMENTS.items():
-            print(f"--- placement: {label} ---", flush=True)
-            ranks = launch(run_session, 2, spec, placement=placement, timeout_s=600)
-            summary = summarize(placement_shape, spec.source, ranks, report["bandwidth_gb_s"])
-            report["placements"].append({"placement": label} | summary)
-
-    config = sources[placement_shape].config()
-    report["collective_cost"] = ({"shape": placement_shape, "layers": config.num_hidden_layers,
-                                  "ranks": launch(collective_cost, 2, config.hidden_size, quick=args.quick)}
-                                 if 2 in tps else {})
-    report["slow_link"] = (slow_link(args, placement_shape, sources[placement_shape], workload) if 2 in tps
-                           else {"skipped": "TP=2 not requested"})
-    report["load_after"] = os.getloadavg()
-    report["wall_seconds"] = time.time() - started
-    return report
+            for transport in (args.transports if tp > 1 else [None]):
+                print(f"--- {shape} TP={tp}{' over ' + transport if transport else ''} ---", flush=True)
+                spec = SessionSpec(source, session_workload,
+                                   baselines=not args.no_baselines and transport in (None, args.transports[0]),
+                                   profile=tp == 2 and not args.no_profile)
+                started = time.time()
+                ranks = launch(run_session, tp, spec, placement=Placement(transport=transport), timeout_s=600)
+                sessions.append(summarize(shape, source, ranks, bandwidth)
+                                | {"wall_seconds": round(time.time() - started, 1)})
+    return sessions
 
 
-def slow_link(args: argparse.Namespace, shape: str, source: ModelSource, workload: Workload) -> dict[str, Any]:
+def measure_placements(source: ModelSource, workload: Workload) -> list[dict[str, Any]]:
+    """TP=2 under each of `PLACEMENTS`, batch 1, three schedules."""
+    short = dataclasses.replace(workload, batches=(1,), prefill_repeats=0)
+    spec = SessionSpec(source, short, schedules=("standard", "ladder", "upper-bound"), baselines=False)
+    placements = []
+    for label, placement in PLACEMENTS.items():
+        print(f"--- placement: {label} ---", flush=True)
+        ranks = launch(run_session, 2, spec, placement=placement, timeout_s=600)
+        placements.append({"placement": label} | summarize(source.shape, source, ranks, {}))
+    return placements
+
+
+def slow_link(args: argparse.Namespace, source: ModelSource, workload: Workload) -> dict[str, Any]:
     """TP=2 with one rank per network namespace, first over the bare veth pair, then rate-limited."""
     if args.slow_link_rate == "off":
         return {"skipped": "--slow-link-rate off"}
@@ -176,44 +242,8 @@ def slow_link(args: argparse.Namespace, shape: str, source: ModelSource, workloa
         print(f"--- slow link: {link.describe()['rate']} ---", flush=True)
         with link:
             ranks = link.run_session(spec)
-        runs.append({"link": link.describe()} | summarize(shape, source, ranks, {}))
+        runs.append({"link": link.describe()} | summarize(source.shape, source, ranks, {}))
     return {"runs": runs}
-
-
-def collective_cost(hidden: int, quick: bool = False) -> dict[str, float]:
-    """What one all-reduce of a batch-1 hidden vector costs this rank: latency, and CPU time.
-
-    The CPU time is measured with the calling thread asleep while the reduction runs, so all of it
-    is gloo's (its worker and TCP-loop threads handing the message along) plus the launch and wait.
-    On cores that are all busy computing, that time cannot overlap with anything: it bounds the
-    share of communication any schedule can hide.
-    """
-    calls, nap = (50 if quick else 500), 0.001
-    tensor = torch.randn(1, hidden)
-
-    def cpu_seconds() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    latencies = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        comm.all_reduce_start(tensor).wait()
-        latencies.append(time.perf_counter() - started)
-    comm.barrier()
-    idle_started = cpu_seconds()
-    for _ in range(calls):
-        time.sleep(nap)
-    idle = cpu_seconds() - idle_started
-    comm.barrier()
-    busy_started = cpu_seconds()
-    for _ in range(calls):
-        pending = comm.all_reduce_start(tensor)
-        time.sleep(nap)
-        pending.wait()
-    busy = cpu_seconds() - busy_started
-    return {"latency_us": round(1e6 * statistics.median(latencies), 1),
-            "cpu_us": round(1e6 * (busy - idle) / calls, 1), "floats": hidden}
 
 
 # --- measurements made in this process --------------------------------------------------------------
@@ -254,84 +284,3 @@ def measure_bandwidth(quick: bool = False) -> dict[int, dict[str, float]]:
             result[threads][layout] = round(matrix.numel() * 4 / statistics.median(times[1:]) / 1e9, 2)
     torch.set_num_threads(before)
     return result
-
-
-def best_bandwidth(bandwidth: dict[int, dict[str, float]], threads: int) -> float:
-    """The faster layout's GB/s with `threads` threads (capped at the most threads measured)."""
-    return max(bandwidth[min(threads, max(bandwidth))].values())
-
-
-# --- summaries ----------------------------------------------------------------------------------
-
-
-def _median_ms(values: list[float]) -> float:
-    return round(1e3 * statistics.median(values), 3) if values else float("nan")
-
-
-def summarize(shape: str, source: ModelSource, ranks: list[dict[str, Any]],
-              bandwidth: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """Medians per variant (rank 0's clock; the ranks ran in lockstep), ratios, efficiency, roofline."""
-    lead = ranks[0]
-    world = lead["world"]
-    cores = len(os.sched_getaffinity(0))
-    threads_total = sum(r["threads"] for r in ranks)
-    samples: dict[str, Samples] = lead["samples"]
-    variants: dict[str, Any] = {}
-    for name, sample in samples.items():
-        variants[name] = {
-            "decode_ms": {b: _median_ms([r.decode_s_per_token for r in runs]) for b, runs in sample.decode.items()},
-            "decode_ms_runs": {b: [round(1e3 * r.decode_s_per_token, 3) for r in runs]
-                               for b, runs in sample.decode.items()},
-            "e2e_tokens_per_s": {b: round(statistics.median(b * (1 + len(r.steps_s)) / r.total_s for r in runs), 2)
-                                 for b, runs in sample.decode.items()},
-            "prefill_ms": _median_ms([r.prefill_s for r in sample.prefill]),
-            "blocked_ms_per_token": {b: [_median_ms(_blocked(rank["samples"][name].decode[b])) for rank in ranks]
-                                     for b in sample.decode},
-        }
-    standard = variants.get("standard")
-    speedup = {name: {b: round(standard["decode_ms"][b] / v["decode_ms"][b], 3) for b in v["decode_ms"]}
-               for name, v in variants.items()} if standard else {}
-    summary: dict[str, Any] = {
-        "shape": shape, "checkpoint": None if source.random_weights else source.checkpoint, "tp": world,
-        "oversubscribed": threads_total > cores, "threads_per_rank": [r["threads"] for r in ranks],
-        "cores_per_rank": [r["cores"] for r in ranks],
-        "resident_mb_after_load": [round(r["resident_bytes_after_load"] / 2**20) for r in ranks],
-        "peak_rss_mb": [round(r["peak_rss_bytes"] / 2**20) for r in ranks],
-        "streamed_mb_per_rank": [round(r["streamed_bytes"] / 2**20, 1) for r in ranks],
-        "variants": variants, "speedup_vs_standard": speedup,
-        "overlap_efficiency": overlap_efficiency(variants) if world > 1 else {},
-        "hidden_wait_share": hidden_wait_share(variants) if world > 1 else {},
-        "unavailable": lead["unavailable"], "profile": [r["profile"] for r in ranks if r["profile"]],
-    }
-    if bandwidth:
-        usable = best_bandwidth(bandwidth, threads_total)
-        roofline = usable * 1e9 / sum(r["streamed_bytes"] for r in ranks)
-        summary["roofline_tokens_per_s"] = round(roofline, 2)
-        summary["roofline_fraction_batch1"] = {name: round(1e3 / v["decode_ms"][1] / roofline, 3)
-                                               for name, v in variants.items() if 1 in v["decode_ms"]}
-    return summary
-
-
-def _blocked(runs: list[Run]) -> list[float]:
-    return [r.blocked_s_per_token for r in runs]
-
-
-def hidden_wait_share(variants: dict[str, Any]) -> dict[int, float | None]:
-    """1 - blocked(ladder) / blocked(standard) per batch (means over ranks): the share of the time a
-    standard model spends waiting on communication that the ladder takes off the critical path.
-    Unlike the overlap efficiency it leaves out the CPU time communication costs (`collective_cost`)."""
-    if not all(n in variants for n in ("standard", "ladder")):
-        return {}
-    std, lad = (variants[n]["blocked_ms_per_token"] for n in ("standard", "ladder"))
-    return {b: round(1 - statistics.mean(lad[b]) / statistics.mean(std[b]), 3) if statistics.mean(std[b]) > 0
-            else None for b in std}
-
-
-def overlap_efficiency(variants: dict[str, Any]) -> dict[int, float | None]:
-    """(T_standard - T_ladder) / (T_standard - T_upper_bound) per batch: the share of the exposed
-    communication that the ladder hides (the paper's overlap efficiency). None when there is nothing to hide."""
-    needed = ("standard", "ladder", "upper-bound")
-    if not all(n in variants for n in needed):
-        return {}
-    std, lad, ub = (variants[n]["decode_ms"] for n in needed)
-    return {b: round((std[b] - lad[b]) / (std[b] - ub[b]), 3) if std[b] - ub[b] > 0 else None for b in std}

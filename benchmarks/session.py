@@ -84,7 +84,8 @@ def run_session(spec: SessionSpec) -> dict[str, Any]:
     profile = ({name: profile_decode(variants[name], spec.workload, base.config.vocab_size)
                 for name in ("standard", "ladder") if name in variants} if spec.profile else None)
     return {
-        "rank": rank, "world": world, "threads": torch.get_num_threads(),
+        "rank": rank, "world": world, "transport": getattr(comm.transport(), "name", None),
+        "threads": torch.get_num_threads(),
         "cores": sorted(os.sched_getaffinity(0)), "pid": os.getpid(), "gloo_threads": gloo_thread_policies(),
         "streamed_bytes": streamed_bytes(base), "resident_bytes_after_load": resident,
         "peak_rss_bytes": peak_rss_bytes(),

@@ -3,8 +3,9 @@
 TP=1 pieces are timed by pytest-benchmark itself: the matrix-vector bandwidth behind the roofline,
 one decode step of every schedule at batch 1/4/16, a 512-token prefill, and end-to-end generation
 against transformers on the same weights. TP>1 runs live in other processes, where pytest-benchmark's
-timer cannot reach: those tests time a whole interleaved session and put the per-variant medians
-measured inside the ranks into `extra_info` (the same figures `ladder bench` reports).
+timer cannot reach: those tests time a whole launch and put the figures measured inside the ranks
+into `extra_info` (the same figures `ladder bench` reports): an interleaved session's per-variant
+medians, and the per-call time of a batch-1 all-reduce over each transport.
 
 pytest imports this file by its path, so it names its siblings by their installed package
 (`ladder_benchmarks`), the names the spawned ranks import them by.
@@ -14,17 +15,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import statistics
 from typing import Any
 
 import pytest
 import torch
 
 from ladder.generate import Sampling, choose_next
-from ladder.launcher import launch
+from ladder.launcher import Placement, launch
 from ladder.layers import input_major
 from ladder_benchmarks.baselines import hf_model, hf_runner
-from ladder_benchmarks.report import overlap_efficiency, summarize
+from ladder_benchmarks.collectives import all_reduce_seconds
 from ladder_benchmarks.session import SessionSpec, run_session
+from ladder_benchmarks.summary import overlap_efficiency, summarize
 from ladder_benchmarks.workload import (
     SCHEDULES,
     ModelSource,
@@ -118,3 +121,15 @@ def test_tensor_parallel_session(benchmark: Any, source: ModelSource, tp: int) -
     benchmark.extra_info["blocked_ms_per_token"] = {n: v["blocked_ms_per_token"] for n, v in summary["variants"].items()}
     benchmark.extra_info["overlap_efficiency"] = overlap_efficiency(summary["variants"])
     benchmark.extra_info["oversubscribed"] = summary["oversubscribed"]
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_all_reduce_576_floats(benchmark: Any, transport: str) -> None:
+    """One batch-1 reduction of SmolLM2's hidden vector at TP=2, both ranks calling in lockstep."""
+    calls = 2000
+    ranks = benchmark.pedantic(launch, (all_reduce_seconds, 2, 576, calls),
+                               {"placement": Placement(transport=transport), "timeout_s": 600}, rounds=1)
+    for rank, back_to_back in enumerate(ranks):
+        benchmark.extra_info[f"rank{rank}_median_us"] = 1e6 * statistics.median(back_to_back.seconds)
+        benchmark.extra_info[f"rank{rank}_mean_us"] = 1e6 * statistics.fmean(back_to_back.seconds)
+        benchmark.extra_info[f"rank{rank}_cpu_us"] = 1e6 * back_to_back.cpu_s / calls

@@ -13,7 +13,7 @@ import torch
 from ladder import comm
 from ladder.cli import main
 from ladder_benchmarks import netns
-from ladder_benchmarks.report import hidden_wait_share, overlap_efficiency
+from ladder_benchmarks.summary import hidden_wait_share, overlap_efficiency
 from ladder_benchmarks.timing import TimedTransport, blocked_time
 
 
@@ -25,14 +25,18 @@ def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     return out, json.loads((out / "results.json").read_text())
 
 
+SCHEDULES = {"standard", "ladder", "parallel", "upper-bound"}
+
+
 def test_quick_report_measures_every_variant_at_tp1_and_tp2(quick_report: tuple[Path, dict[str, Any]]) -> None:
     _, report = quick_report
-    by_tp = {s["tp"]: s for s in report["sessions"]}
-    assert sorted(by_tp) == [1, 2]
-    schedules = {"standard", "ladder", "parallel", "upper-bound"}
-    assert set(by_tp[1]["variants"]) == schedules | {"hf-transformers"}
-    assert set(by_tp[2]["variants"]) == schedules | {"pytorch-tp"}, by_tp[2]["unavailable"]
-    for session in by_tp.values():
+    sessions = {(s["tp"], s["transport"]): s for s in report["sessions"]}
+    assert sorted(sessions, key=str) == [(1, None), (2, "gloo"), (2, "shm")]  # TP=2 once per transport
+    by_tp = {1: sessions[1, None], 2: sessions[2, "shm"]}
+    assert set(by_tp[1]["variants"]) == SCHEDULES | {"hf-transformers"}
+    assert set(by_tp[2]["variants"]) == SCHEDULES | {"pytorch-tp"}, by_tp[2]["unavailable"]
+    assert set(sessions[2, "gloo"]["variants"]) == SCHEDULES  # the baselines run in the first transport's launch
+    for session in sessions.values():
         for name, v in session["variants"].items():
             for batch in ("1", "2"):
                 assert v["decode_ms"][batch] > 0, (session["tp"], name)
@@ -45,29 +49,77 @@ def test_quick_report_measures_every_variant_at_tp1_and_tp2(quick_report: tuple[
     assert by_tp[1]["variants"]["standard"]["blocked_ms_per_token"]["1"] == [0.0]
     assert min(by_tp[2]["variants"]["standard"]["blocked_ms_per_token"]["1"]) > 0
     assert by_tp[2]["variants"]["pytorch-tp"]["blocked_ms_per_token"]["1"] == [0.0, 0.0]  # not instrumented
+    assert min(sessions[2, "gloo"]["variants"]["standard"]["blocked_ms_per_token"]["1"]) > 0
     assert set(by_tp[2]["overlap_efficiency"]) == {"1", "2"} and by_tp[1]["overlap_efficiency"] == {}
-    profile = by_tp[2]["profile"]
-    assert len(profile) == 2 and set(profile[0]) == {"standard", "ladder"}
-    assert profile[0]["standard"]["wall"] >= profile[0]["standard"]["matmul"] > 0
+    for transport in ("shm", "gloo"):
+        profile = sessions[2, transport]["profile"]
+        assert len(profile) == 2 and set(profile[0]) == {"standard", "ladder"}
+        assert profile[0]["standard"]["wall"] >= profile[0]["standard"]["matmul"] > 0
     assert report["slow_link"] == {"skipped": "--slow-link-rate off"}
     assert set(report["bandwidth_gb_s"]) == {str(t) for t in range(1, report["machine"]["cores"] + 1)}
     assert all(set(bw) == {"out-major", "in-major"} and min(bw.values()) > 0 for bw in report["bandwidth_gb_s"].values())
     assert set(by_tp[2]["hidden_wait_share"]) == {"1", "2"} and by_tp[1]["hidden_wait_share"] == {}
+    assert set(report["section_seconds"]) == {"bandwidth", "sessions", "placements", "collective cost",
+                                              "latency sweep", "slow link"}
+
+
+def test_quick_report_measures_one_collective_per_transport_and_size(
+        quick_report: tuple[Path, dict[str, Any]]) -> None:
+    _, report = quick_report
     cost = report["collective_cost"]
-    assert cost["layers"] == 2 and len(cost["ranks"]) == 2
-    assert all(r["latency_us"] > 0 and r["cpu_us"] > 0 for r in cost["ranks"])
+    assert cost["layers"] == 2 and cost["hidden"] == 64
+    assert {(row["transport"], row["floats"]) for row in cost["rows"]} == {
+        (transport, floats) for transport in ("shm", "gloo") for floats in (64, 576, 4096)}
+    for row in cost["rows"]:
+        assert len(row["latency_us"]) == len(row["cpu_us"]) == 2  # one figure per rank
+        assert min(row["latency_us"]) > 0 and min(row["cpu_us"]) > 0, row
+
+
+def test_quick_report_sweeps_the_emulated_link_latency(quick_report: tuple[Path, dict[str, Any]]) -> None:
+    _, report = quick_report
+    sweep = report["latency_sweep"]
+    assert sweep["transport"] == "shm" and sweep["link"].startswith("emulated link:")
+    assert sweep["subblock_us"] > 0 and set(sweep["subblock_us_by_kind"]) == {"attention", "feed_forward"}
+    latencies = [p["latency_us"] for p in sweep["points"]]
+    assert latencies == sorted({0, 200, sweep["subblock_us"]})  # the sub-block time is swept too
+    assert [p["latency_us"] for p in sweep["points"] if p["is_subblock_time"]] == [sweep["subblock_us"]]
+    for point in sweep["points"]:
+        assert set(point["decode_ms"]) == SCHEDULES and min(point["decode_ms"].values()) > 0
+        assert point["ladder_speedup"] > 0 and len(point["blocked_ms_per_token"]["standard"]) == 2
 
 
 def test_quick_report_writes_markdown_and_png_plots(quick_report: tuple[Path, dict[str, Any]]) -> None:
     out, _ = quick_report
     markdown = (out / "results.md").read_text()
-    assert "| TP | variant | decode ms/token b=1 |" in markdown
-    assert "| 2 | ladder |" in markdown and "| 1 | hf-transformers |" in markdown
+    assert "| TP | transport | variant | decode ms/token b=1 |" in markdown
+    assert "| 2 | shm | ladder |" in markdown and "| 2 | gloo | ladder |" in markdown
+    assert "| 1 | - | hf-transformers |" in markdown and "| 2 | shm | pytorch-tp |" in markdown
     assert "Slow interconnect" in markdown and "Skipped: --slow-link-rate off" in markdown
+    assert "| scaling vs TP=1, batch 1 (* = oversubscribed) | TP=2 shm | TP=2 gloo |" in markdown
     collective_section = markdown.split("## What one collective costs at TP=2")[1].split("##")[0]
-    assert "| 0 |" in collective_section and "| 1 |" in collective_section  # one row per rank
-    for name in ("decode_tokens_per_s.png", "overlap_efficiency.png"):
+    for transport in ("shm", "gloo"):  # one row per transport and size
+        assert f"| {transport} | 576 |" in collective_section and f"| {transport} | 4,096 |" in collective_section
+    sweep_section = markdown.split("## Latency sweep (emulated link:")[1].split("##")[0]
+    assert "| 0 |" in sweep_section and "| 200 |" in sweep_section and "(= sub-block time) |" in sweep_section
+    targets = markdown.split("## Targets")[1].split("##")[0]
+    for row in ("576-float all-reduce over shm at TP=2", "TP=2 (shm) batch-1 decode, standard vs upper bound",
+                "TP=2 (shm) vs TP=1 batch-1 decode", "ladder never slower than standard",
+                "emulated link: swept latency", "ladder vs standard at latency = sub-block time",
+                "TP=1 decode vs transformers"):
+        assert row in targets, row
+    for name in ("decode_tokens_per_s.png", "overlap_efficiency.png", "latency_sweep.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_redraws_a_results_json_from_before_the_transports(tmp_path: Path) -> None:
+    """The committed full run may predate the transports: then every TP>1 launch ran over gloo."""
+    old = Path(__file__).parent.parent / "bench-results" / "results.json"
+    if not old.exists():
+        pytest.skip("no committed bench-results/results.json")
+    assert main(["bench", "--render", str(old), "--out", str(tmp_path)]) == 0
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| 2 | gloo | ladder |" in markdown or "| 2 | shm | ladder |" in markdown
+    assert "## What one collective costs at TP=2" in markdown
 
 
 def test_overlap_efficiency_is_the_share_of_communication_hidden() -> None:

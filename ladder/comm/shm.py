@@ -167,7 +167,7 @@ class SharedMemoryGroup:
         self._slot_addresses = [data + s * slot_bytes for s in range(slots)]  # rank 0's; op n uses n % slots
         self._own_slots = [address + rank * self._rank_stride for address in self._slot_addresses]
         if spin_us is None:  # spinning only pays if every rank can have a core of its own
-            spin_us = DEFAULT_SPIN_US if (os.cpu_count() or 1) >= world else 0.0
+            spin_us = DEFAULT_SPIN_US if (len(os.sched_getaffinity(0)) or 1) >= world else 0.0
         self._timeout_ns, self._spin_ns = int(timeout_s * 1e9), int(spin_us * 1e3)
         self._next_op = 1  # the number of this group's next op
         self._published = self._consumed = 0  # the last op this rank published / finished reading
