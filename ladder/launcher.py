@@ -7,9 +7,11 @@ calls the function. Otherwise it spawns N local ranks, each joining a gloo group
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
 import time
 import traceback
@@ -21,6 +23,8 @@ from typing import Any
 import torch
 
 from ladder import comm
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class LaunchError(RuntimeError):
@@ -115,8 +119,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this rank when its launcher dies, however it dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the launcher's own checks remain
+        return
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os._exit(1)
+
+
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, placement: Placement,
                timeout_s: float, result: Connection, args: tuple, kwargs: dict) -> None:
+    _die_with_parent()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,36 @@ def test_empty_prompts_are_refused(model: LadderForCausalLM) -> None:
         generate(model, [[1, 2], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [], max_new_tokens=2)
+
+
+# --- a launcher that dies takes its ranks with it ----------------------------------------------------
+
+ORPHANED_JOB = """
+import os, sys, time
+from ladder import comm, launch
+
+def wait_forever(ready):
+    with open(ready + str(comm.tp_rank()), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    launch(wait_forever, 2, sys.argv[1])
+"""
+
+
+def test_killing_the_launcher_ends_its_ranks(tmp_path: Path) -> None:
+    ready, script = str(tmp_path / "ready"), tmp_path / "job.py"
+    script.write_text(ORPHANED_JOB)
+    job = subprocess.Popen([sys.executable, str(script), ready])
+    deadline = time.monotonic() + STARTUP_ALLOWANCE_S
+    while not all(os.path.exists(ready + str(r)) and os.path.getsize(ready + str(r)) for r in range(2)):
+        assert time.monotonic() < deadline and job.poll() is None, "the ranks never started"
+        time.sleep(0.1)
+    ranks = [int(Path(ready + str(r)).read_text()) for r in range(2)]
+    job.kill()  # SIGKILL: the launcher gets no chance to clean up
+    job.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks):
+        assert time.monotonic() < deadline, f"ranks {ranks} outlived their launcher"
+        time.sleep(0.1)
