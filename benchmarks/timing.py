@@ -54,6 +54,9 @@ class TimedTransport:
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         self.clock.timed(lambda: self.inner.broadcast(tensor, src))
 
+    def abort(self) -> None:
+        self.inner.abort()
+
     def close(self) -> None:
         self.inner.close()
 

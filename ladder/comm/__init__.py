@@ -177,11 +177,6 @@ def data_parallel_size() -> int:
     return dist.get_world_size(_groups.data) if _groups.data is not None else 1
 
 
-def tensor_group() -> Any:
-    """The tensor-parallel process group (None = the whole world), for transports that build on it."""
-    return _groups.tensor
-
-
 # --- collectives over the tensor-parallel group ------------------------------------------------
 
 
