@@ -120,11 +120,10 @@ def from_pretrained(path: str | Path, rank: int | None = None, world: int | None
         config = config.with_schedules(list(schedules))
     rank = comm.tp_rank() if rank is None else rank
     world = comm.tp_size() if world is None else world
-    with torch.device("meta"):
-        layout = LadderForCausalLM(config, rank, world).state_dict()
-    plan = ShardPlan(config, rank, world)
-    strides = {name: layout[name].stride() for name in plan.tensors}
-    return LadderForCausalLM.from_shard(config, rank, world, read_shard(weight_map(path), plan, dtype, strides))
+    model = LadderForCausalLM.empty(config, rank, world)
+    layout = model.state_dict()  # read each part straight into the model's memory layout
+    strides = {name: layout[name].stride() for name in model.plan.tensors}
+    return model.adopt(read_shard(weight_map(path), model.plan, dtype, strides))
 
 
 def gather_state_dict(model: LadderForCausalLM) -> dict[str, torch.Tensor] | None:

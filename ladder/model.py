@@ -56,19 +56,21 @@ class LadderForCausalLM(nn.Module):
     # --- weights --------------------------------------------------------------------------------
 
     @classmethod
-    def from_shard(cls, config: LadderConfig, rank: int, world: int,
-                   shard: dict[str, torch.Tensor]) -> LadderForCausalLM:
-        """A model holding exactly the tensors of `shard` (this rank's parts, `ShardPlan.tensors`
-        names), built without allocating weights first."""
+    def empty(cls, config: LadderConfig, rank: int, world: int) -> LadderForCausalLM:
+        """This rank's model with no weights allocated yet (on the meta device), to `adopt` a shard."""
         with torch.device("meta"):
-            model = cls(config, rank, world)
-        wanted = set(model.plan.tensors)
+            return cls(config, rank, world)
+
+    def adopt(self, shard: dict[str, torch.Tensor]) -> LadderForCausalLM:
+        """Take exactly the tensors of `shard` (this rank's parts, `ShardPlan.tensors` names) as the
+        weights, without copying them, and re-tie the head."""
+        wanted = set(self.plan.tensors)
         if set(shard) != wanted:
             missing, extra = sorted(wanted - set(shard)), sorted(set(shard) - wanted)
-            raise ValueError(f"rank {rank}: shard lacks {missing[:5]} and has extra {extra[:5]}")
-        model.load_state_dict(shard, strict=False, assign=True)
-        model.tie_weights()
-        return model.eval()
+            raise ValueError(f"rank {self.plan.rank}: shard lacks {missing[:5]} and has extra {extra[:5]}")
+        self.load_state_dict(shard, strict=False, assign=True)
+        self.tie_weights()
+        return self.eval()
 
     def tie_weights(self) -> None:
         """A tied LM head is the embedding's very parameter (the checkpoint stores it once)."""
