@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ladder.checkpoint import CheckpointError
 from ladder.config import DTYPES, ConfigError
-from ladder.writer import OutputExistsError
+from ladder.outputs import OutputError
 
 from .convert import convert, open_source
 from .source import ConversionError
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers to make ladder layers: none, all, upper-half (the paper's recipe), a range "
                         "like 16-31 or a list like 1,5,7 (default: keep SRC's, i.e. none for foreign formats)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the written weights")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--force", action="store_true", help="replace DST if ladder wrote it (never a directory it did not write, nor one holding SRC)")
     parser.add_argument("--verify", action="store_true",
                         help="reload DST and compare its logits with SRC's on a few tokens (both under the "
                         "standard schedule; a ladder DST as written is compared too, for information)")
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             result = verify(open_source(args.src), args.dst, dtype)
             print(result)
             return 0 if result.passed else 1
-    except (ConversionError, ConfigError, CheckpointError, OutputExistsError) as exc:
+    except (ConversionError, ConfigError, CheckpointError, OutputError) as exc:
         print(f"ladder convert: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from ladder.checkpoint import full_shapes
 from ladder.config import LadderConfig, dtype_name
-from ladder.writer import DEFAULT_SHARD_BYTES, CheckpointWriter, OutputExistsError
+from ladder.outputs import OutputError, UnsafeFileError, check_output
+from ladder.writer import DEFAULT_SHARD_BYTES, CheckpointWriter
 
 from .gguf_file import GGUFSource
 from .hf import HuggingFaceSource
@@ -125,14 +126,15 @@ def convert(src: str | Path, dst: str | Path, ladder_layers: str | None = None, 
     """Write a Ladder checkpoint of `src` at `dst`, all or nothing; see the module docstring."""
     start = time.perf_counter()
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise OutputExistsError(f"{dst} already exists (use --force to overwrite it)")
+    check_output(dst, [Path(src)], force)
     source = open_source(src)
-    if dst.resolve() in (Path(src).resolve(), source.path.resolve()):
-        raise ConversionError(f"{dst}: the destination is the source itself; choose another directory")
+    check_output(dst, [source.path], force)  # a directory's GGUF file, or what a link led to
     config = target_config(source, ladder_layers)
     check_tensors(source, config)
-    side_files = source.files()
+    try:
+        side_files = source.files()
+    except UnsafeFileError as exc:
+        raise ConversionError(str(exc)) from None
     try:
         with CheckpointWriter(dst, force=force, shard_bytes=shard_bytes) as writer:
             for name, tensor in tqdm(source.tensors(), total=len(source.shapes), unit="tensor",
@@ -151,7 +153,7 @@ def convert(src: str | Path, dst: str | Path, ladder_layers: str | None = None, 
                 writer.add_json("generation_config.json", generation_config(config))
             for name, content in side_files.items():
                 writer.add_file(name, content)
-    except OutputExistsError:
+    except OutputError:
         raise
     except OSError as exc:
         raise ConversionError(f"{dst}: writing failed, nothing was written ({exc})") from exc

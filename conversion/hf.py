@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from ladder.checkpoint import INDEX_FILE, CheckpointError, weight_map
 from ladder.config import read_json_object
+from ladder.outputs import read_side_files
 from ladder.tokenizer import TOKENIZER_FILES
 
 from .source import ConversionError, Source
@@ -80,5 +81,6 @@ class HuggingFaceSource(Source):
                     yield name, tensor
 
     def files(self) -> dict[str, bytes]:
-        """The tokenizer and generation files present beside the weights, copied as they are."""
-        return {name: (self.path / name).read_bytes() for name in TOKENIZER_FILES if (self.path / name).is_file()}
+        """The tokenizer and generation files present beside the weights, copied as they are (regular files
+        inside the directory only: see `ladder.outputs.side_file`)."""
+        return read_side_files(self.path, TOKENIZER_FILES)

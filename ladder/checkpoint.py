@@ -7,7 +7,9 @@ columns its shard plan names, so a rank's peak memory is about the model's size 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from ladder import comm
 from ladder.config import LadderConfig, Schedule, dtype_name
 from ladder.model import LadderForCausalLM
+from ladder.outputs import read_side_files
 from ladder.sharding import ShardPlan
 from ladder.tokenizer import TOKENIZER_FILES
 from ladder.writer import CheckpointWriter
@@ -23,6 +26,10 @@ from ladder.writer import CheckpointWriter
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# A fingerprint hashes weights of up to this many bytes whole, and samples larger ones.
+FINGERPRINT_WHOLE_BYTES = 64 * 2**20
+FINGERPRINT_SAMPLES = 256  # per file
+FINGERPRINT_SAMPLE_BYTES = 64 * 2**10
 
 
 class CheckpointError(ValueError):
@@ -55,6 +62,34 @@ def weight_map(path: str | Path) -> dict[str, Path]:
             return dict.fromkeys(f.keys(), single)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{single}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def content_fingerprint(path: str | Path) -> str:
+    """A SHA-256 that changes when the checkpoint's weights do, cheap enough for every start and resume.
+
+    Each weight file's name, size and safetensors header (every tensor's name, dtype, shape and
+    place) is hashed, then its data: all of it for a small checkpoint; for a large one, evenly spaced
+    samples, since reading gigabytes on every resume would cost more than a short run. Retraining,
+    re-converting or swapping a model changes nearly every sample; a change confined to bytes
+    between samples of a large checkpoint goes unnoticed.
+    """
+    files = sorted(set(weight_map(path).values()))
+    sizes = {file: file.stat().st_size for file in files}
+    whole = sum(sizes.values()) <= FINGERPRINT_WHOLE_BYTES
+    digest = hashlib.sha256()
+    for file in files:
+        size = sizes[file]
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if whole:
+                digest.update(f.read())
+                continue
+            (header_bytes,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+            digest.update(f.read(min(header_bytes, size)))
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek(i * max(0, size - FINGERPRINT_SAMPLE_BYTES) // (FINGERPRINT_SAMPLES - 1))
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def full_shapes(config: LadderConfig) -> dict[str, tuple[int, ...]]:
@@ -132,7 +167,7 @@ def gather_state_dict(model: LadderForCausalLM) -> dict[str, torch.Tensor] | Non
     names = plan.of_rank(0).tensors
     whole = {}
     for name in names:
-        parts = comm.gather_objects(own[name].detach().clone() if name in plan.tensors else None)
+        parts = comm.gather_tensors(own[name].detach().clone() if name in plan.tensors else None)
         if parts is not None:
             whole[name] = plan.unshard(name, parts)
     return whole if comm.tp_rank() == 0 else None
@@ -155,7 +190,6 @@ def save_pretrained(model: LadderForCausalLM, path: str | Path, tokenizer_from: 
         for name, tensor in state.items():
             writer.add_tensor(name, tensor if dtype is None else tensor.to(dtype))
         writer.add_json("config.json", config)
-        for file in TOKENIZER_FILES if tokenizer_from is not None else ():
-            source = Path(tokenizer_from) / file
-            if source.is_file():
-                writer.add_file(file, source.read_bytes())
+        side_files = read_side_files(Path(tokenizer_from), TOKENIZER_FILES) if tokenizer_from is not None else {}
+        for file, content in side_files.items():
+            writer.add_file(file, content)

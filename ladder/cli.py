@@ -7,6 +7,7 @@ package names none of the packages above it: conversion and the benchmarks plug 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from importlib.metadata import entry_points
 
@@ -20,7 +21,17 @@ def main(argv: list[str] | None = None) -> int:
         sub.set_defaults(run=module.run)
         module.add_arguments(sub)
     args = parser.parse_args(argv)
-    return args.run(args) or 0
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a job as cleanly as Ctrl-C does
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(f"ladder {args.command}: stopped by a signal; every rank has ended and nothing half-written was left",
+              file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def generate(model: LadderForCausalLM, prompts: Sequence[Sequence[int]], max_new
     it alone. `on_tokens` gets each step's new tokens ([batch]) as soon as they are chosen.
     """
     sampling = sampling or Sampling()
-    prompts = comm.broadcast_object([list(map(int, p)) for p in prompts])
+    prompts = comm.broadcast_json([list(map(int, p)) for p in prompts])
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     config = model.config

@@ -13,6 +13,7 @@ import os
 import pickle
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -21,8 +22,10 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ladder import comm
+from ladder.outputs import LAUNCHER_PID_ENV
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
@@ -75,10 +78,11 @@ class Placement:
             os.sched_setaffinity(0, cores)
         torch.set_num_threads(self.threads_for(rank, world))
 
-    def join(self, rank: int, world: int, timeout_s: float) -> None:
+    def join(self, rank: int, world: int, timeout_s: float, loopback: bool = False) -> None:
         """Apply the placement, then join the process group described by the environment."""
         self.apply(rank, world)
-        comm.init(timeout_s, realtime_threads=self.realtime_communication, transport=self.transport, link=self.link)
+        comm.init(timeout_s, realtime_threads=self.realtime_communication, transport=self.transport, link=self.link,
+                  loopback=loopback)
 
 
 def under_torchrun() -> bool:
@@ -133,10 +137,14 @@ def _die_with_parent() -> None:
 def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, placement: Placement,
                timeout_s: float, result: Connection, args: tuple, kwargs: dict) -> None:
     _die_with_parent()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops every rank
+    tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named semaphore, which a killed rank would leak
+    # Every socket of the job listens on loopback only: the store (`loopback`) and gloo's pairs.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                      **{LAUNCHER_PID_ENV: str(os.getppid())})
     try:
-        placement.join(rank, world, timeout_s)
+        placement.join(rank, world, timeout_s, loopback=True)
         # Plain pickle sends tensors by value: a shared-memory handle would die with this process.
         result.send((True, pickle.dumps(fn(*args, **kwargs))))
     except BaseException:
@@ -144,6 +152,30 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, placeme
         comm.shutdown(failing=True)
         raise SystemExit(1) from None
     comm.shutdown()
+
+
+def _collect(procs: list[Any], readers: list[Connection], grace: float) -> dict[int, tuple[bool, Any]]:
+    """Each rank's (ok, result or error); ranks still running `grace` seconds after a failure are killed."""
+    world = len(procs)
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    first_failure: float | None = None
+    while len(outcomes) < world:
+        waiting = {readers[r]: r for r in range(world) if r not in outcomes}
+        for ready in wait(list(waiting), timeout=0.05):
+            r = waiting[ready]
+            try:
+                outcomes[r] = ready.recv()
+            except EOFError:
+                procs[r].join(timeout=1)
+                outcomes[r] = (False, f"rank {r} exited with code {procs[r].exitcode} without a result")
+            if not outcomes[r][0]:
+                first_failure = first_failure or time.monotonic()
+        if first_failure is not None and time.monotonic() - first_failure > grace:
+            for r, p in enumerate(procs):
+                if r not in outcomes:
+                    p.kill()
+                    outcomes[r] = (False, f"rank {r} was killed: still running {grace:.0f}s after a failure")
+    return outcomes
 
 
 def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement | None = None,
@@ -166,29 +198,17 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
         procs[-1].start()
         writer.close()  # the rank holds the only write end: its death reads as end of file
         readers.append(reader)
-    outcomes: dict[int, tuple[bool, Any]] = {}
-    first_failure: float | None = None
-    grace = timeout_s + 10.0
-    while len(outcomes) < world:
-        waiting = {readers[r]: r for r in range(world) if r not in outcomes}
-        for ready in wait(list(waiting), timeout=0.05):
-            r = waiting[ready]
-            try:
-                outcomes[r] = ready.recv()
-            except EOFError:
-                procs[r].join(timeout=1)
-                outcomes[r] = (False, f"rank {r} exited with code {procs[r].exitcode} without a result")
-            if not outcomes[r][0]:
-                first_failure = first_failure or time.monotonic()
-        if first_failure is not None and time.monotonic() - first_failure > grace:
-            for r, p in enumerate(procs):
-                if r not in outcomes:
-                    p.kill()
-                    outcomes[r] = (False, f"rank {r} was killed: still running {grace:.0f}s after a failure")
-    for p in procs:
-        p.join(timeout=5)
-        if p.is_alive():
+    try:
+        outcomes = _collect(procs, readers, timeout_s + 10.0)
+    except BaseException:  # Ctrl-C, or SIGTERM turned into an exception: no rank outlives the launcher
+        for p in procs:
             p.kill()
+        raise
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
     failures = {r: msg for r, (ok, msg) in sorted(outcomes.items()) if not ok}
     if failures:
         detail = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failures.items())

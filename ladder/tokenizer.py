@@ -9,6 +9,8 @@ from typing import Any
 import jinja2.sandbox
 from tokenizers import Tokenizer as _Tokenizer
 
+from ladder.outputs import side_file
+
 # The files beside the weights that describe the tokenizer and the generation defaults: a
 # checkpoint written from another carries them over as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -19,12 +21,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class Tokenizer:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.exists():
+        file = side_file(path, "tokenizer.json")
+        if file is None:
             raise FileNotFoundError(f"{path}: no tokenizer.json (pass token ids instead of text)")
         self.inner = _Tokenizer.from_file(str(file))
-        config_file = path / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.exists() else {}
+        config_file = side_file(path, "tokenizer_config.json")
+        self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file else {}
         self.chat_template: str | None = self.config.get("chat_template")
 
     def _special(self, key: str) -> str | None:

@@ -1,10 +1,11 @@
 """Atomic writing of a Hugging Face layout checkpoint: sharded safetensors, index, JSON and tokenizer files.
 
 Everything goes to a temporary directory beside the destination and is renamed into place only when
-complete, so a failure (bad input, a full disk, an interrupt) leaves no half-written output behind.
-Each tensor goes to disk as soon as it arrives (its bytes are appended to the shard's data file and
-the safetensors header is put in front when the shard is closed), so memory holds one tensor at a
-time whatever the model's or the shard's size.
+complete (`ladder.outputs`: the rule every output follows), so a failure (bad input, a full disk, an
+interrupt) leaves no half-written output behind. Each tensor goes to disk as soon as it arrives, at
+its final place in its shard: a shard's data starts after `HEADER_ROOM` bytes kept for the
+safetensors header, which is written there (padded with spaces, as the format allows) when the
+shard is closed. So memory holds one tensor at a time and disk holds each byte once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
 
+from ladder.outputs import check_output, commit_output, start_output
+
 DEFAULT_SHARD_BYTES = 256 * 2**20
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-COPY_CHUNK = 16 * 2**20
-
-
-class OutputExistsError(FileExistsError):
-    """The destination exists and overwriting was not asked for."""
+# Bytes kept at the front of each shard for its header (a multiple of 8: the data stays aligned);
+# about 500 tensors' entries, and a shard is closed early rather than overflow it.
+HEADER_ROOM = 64 * 2**10
 
 
 class CheckpointWriter:
@@ -35,11 +35,11 @@ class CheckpointWriter:
 
     def __init__(self, dst: str | Path, force: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
         self.dst = Path(dst)
-        if self.dst.exists() and not force:
-            raise OutputExistsError(f"{self.dst} already exists (use --force to overwrite it)")
+        check_output(self.dst, (), force)
         self.force, self.shard_bytes = force, shard_bytes
         self.tmp: Path | None = None
         self._header: dict[str, dict[str, Any]] = {}  # the open shard's tensors
+        self._header_bytes = 0  # an upper bound of the open shard's header, serialized
         self._shard_bytes = 0
         self._shards: list[list[str]] = []
         self._written: set[str] = set()
@@ -47,8 +47,7 @@ class CheckpointWriter:
         self.total_bytes = 0
 
     def __enter__(self) -> CheckpointWriter:
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        self.tmp = start_output(self.dst)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -65,11 +64,17 @@ class CheckpointWriter:
         if tensor.dtype not in DTYPE_NAMES:
             raise ValueError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors")
         size = tensor.numel() * tensor.element_size()
-        if self._header and self._shard_bytes + size > self.shard_bytes:
+        entry = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, size]}
+        entry_bytes = len(json.dumps({name: entry}, separators=(",", ":"))) + 40  # 40: room for larger offsets
+        if entry_bytes > HEADER_ROOM // 2:
+            raise ValueError(f"tensor {name}: its name and shape are too long for a safetensors header")
+        if self._header and (self._shard_bytes + size > self.shard_bytes
+                             or self._header_bytes + entry_bytes > HEADER_ROOM - 64):
             self._close_shard()
         self._append(tensor.detach().contiguous())
-        self._header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self._shard_bytes, self._shard_bytes + size]}
+        entry["data_offsets"] = [self._shard_bytes, self._shard_bytes + size]
+        self._header[name] = entry
+        self._header_bytes += entry_bytes
         self._written.add(name)
         self._shard_bytes += size
         self.tensor_count += 1
@@ -83,29 +88,29 @@ class CheckpointWriter:
         data = content.encode() if isinstance(content, str) else content
         (self.tmp / name).write_bytes(data)
 
-    def _data_file(self, index: int) -> Path:
+    def _shard_file(self, index: int) -> Path:
         assert self.tmp is not None, "use CheckpointWriter as a context manager"
-        return self.tmp / f"shard-{index}.data"
+        return self.tmp / f"shard-{index}.safetensors"
 
     def _append(self, tensor: torch.Tensor) -> None:
         """Append the tensor's raw bytes (little-endian, as safetensors stores them) to the open shard."""
-        with open(self._data_file(len(self._shards)), "ab") as f:
+        with open(self._shard_file(len(self._shards)), "ab") as f:
+            if f.tell() == 0:
+                f.truncate(8 + HEADER_ROOM)  # the header's room, filled in when the shard is closed
+                f.seek(0, os.SEEK_END)
             f.write(tensor.view(-1).view(torch.uint8).numpy().data)
 
     def _close_shard(self) -> None:
-        """Write the open shard as `shard-N.safetensors`: header first, then the data appended so far."""
+        """Write the open shard's header into the room kept for it at the front of its file."""
         index = len(self._shards)
-        data = self._data_file(index)
-        data.touch()
         header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the data then starts 8-byte aligned, as safetensors pads it
-        with open(self.tmp / f"shard-{index}.safetensors", "wb") as out, open(data, "rb") as src:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(src, out, COPY_CHUNK)
-        data.unlink()
+        assert len(header) <= HEADER_ROOM, "add_tensor closes a shard before its header outgrows its room"
+        file = self._shard_file(index)
+        with open(file, "r+b" if file.exists() else "wb") as f:
+            f.write(struct.pack("<Q", HEADER_ROOM))
+            f.write(header.ljust(HEADER_ROOM))
         self._shards.append(list(self._header))
-        self._header, self._shard_bytes = {}, 0
+        self._header, self._shard_bytes, self._header_bytes = {}, 0, 0
 
     def _finish(self) -> None:
         assert self.tmp is not None
@@ -125,11 +130,5 @@ class CheckpointWriter:
         for file in self.tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-        old = None
-        if self.dst.exists():
-            old = self.dst.with_name(f".{self.dst.name}.old-{os.getpid()}")
-            self.dst.rename(old)
-        self.tmp.rename(self.dst)
+        commit_output(self.tmp, self.dst, self.force)
         self.tmp = None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

@@ -24,7 +24,8 @@ from conversion_sources import (
 
 from ladder.checkpoint import from_pretrained
 from ladder.config import ConfigError, LadderConfig
-from ladder.writer import CheckpointWriter, OutputExistsError
+from ladder.outputs import OutputError, OutputExistsError
+from ladder.writer import CheckpointWriter
 from ladder_conversion.convert import convert
 from ladder_conversion.source import ConversionError
 
@@ -119,7 +120,7 @@ def test_bad_paths(hf_dir, tmp_path):
         convert(tmp_path / "empty", tmp_path / "dst")
     copy = tmp_path / "copy"
     shutil.copytree(hf_dir, copy)
-    with pytest.raises(ConversionError, match="the destination is the source itself"):
+    with pytest.raises(OutputError, match=r"copy is .*copy, which this command reads or writes too"):
         convert(copy, copy, force=True)
     assert (copy / "model.safetensors").exists()
     assert_nothing_written(tmp_path / "dst")
@@ -129,12 +130,21 @@ def test_existing_destination_needs_force(hf_dir, llama, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    with pytest.raises(OutputExistsError, match=r"dst already exists \(use --force to overwrite it\)"):
+    with pytest.raises(OutputExistsError, match=r"dst already exists \(use --force to replace it\)"):
         convert(hf_dir, dst)
+    # --force replaces only what ladder wrote: never a user's own directory, nor a file.
+    with pytest.raises(OutputError, match=r"dst already exists and was not written by ladder"):
+        convert(hf_dir, dst, force=True)
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    convert(hf_dir, dst, force=True)
-    assert not (dst / "keep.txt").exists()
-    assert_close_logits(logits_of(from_pretrained(dst, rank=0, world=1)), logits_of(llama))
+    file = tmp_path / "file"
+    file.write_text("mine")
+    with pytest.raises(OutputError, match=r"file already exists and was not written by ladder"):
+        convert(hf_dir, file, force=True)
+    assert file.read_text() == "mine"
+    convert(hf_dir, tmp_path / "ours")
+    convert(hf_dir, tmp_path / "ours", force=True)
+    assert_close_logits(logits_of(from_pretrained(tmp_path / "ours", rank=0, world=1)), logits_of(llama))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "file", "ours"], "something was left behind"
 
 
 def test_full_disk_leaves_nothing(hf_dir, tmp_path, monkeypatch):
@@ -146,11 +156,13 @@ def test_full_disk_leaves_nothing(hf_dir, tmp_path, monkeypatch):
         convert(hf_dir, tmp_path / "dst")
     assert_nothing_written(tmp_path / "dst")
     # With --force an existing DST survives a failed conversion untouched.
-    (tmp_path / "dst").mkdir()
-    (tmp_path / "dst" / "old.txt").write_text("old")
+    monkeypatch.undo()
+    convert(hf_dir, tmp_path / "dst")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "dst").iterdir()}
+    monkeypatch.setattr(CheckpointWriter, "_append", no_space)
     with pytest.raises(ConversionError, match="No space left on device"):
         convert(hf_dir, tmp_path / "dst", force=True)
-    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["old.txt"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "dst").iterdir()} == before
 
 
 def test_full_disk_on_a_real_small_filesystem(hf_dir, tmp_path):

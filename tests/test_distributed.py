@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +29,29 @@ def _collectives() -> dict:
                               (pending.wait().double() - exact).abs().max().item()) / scale
     out["max"] = comm.all_reduce(torch.tensor([float(me)]), op="max").item()
     out["gathered"] = comm.all_gather(torch.full((2, 3), float(me))).tolist()
-    out["object"] = comm.broadcast_object({"from": me})
+    out["object"] = comm.broadcast_json({"from": me})
     out["broadcast"] = comm.broadcast(torch.tensor([me + 7])).item()
     out["transport"] = comm.transport().name
+    out["listening"] = listening_addresses()
     return out
+
+
+def listening_addresses() -> list[str]:
+    """The local addresses of this process's listening TCP sockets (from /proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        target = os.readlink(f"/proc/self/fd/{fd}") if os.path.islink(f"/proc/self/fd/{fd}") else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                raw = bytes.fromhex(fields[1].split(":")[0])
+                packed = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                found.append(socket.inet_ntop(socket.AF_INET if width == 4 else socket.AF_INET6, packed))
+    return found
 
 
 @pytest.mark.parametrize("transport", ["shm", "gloo"])
@@ -46,6 +67,8 @@ def test_collectives_on_three_ranks(transport: str) -> None:
         assert out["gathered"] == [[[float(k)] * 3] * 2 for k in range(3)]
         assert out["object"] == {"from": 0}
         assert out["broadcast"] == 7
+        assert all(a in ("127.0.0.1", "::1") for a in out["listening"]), "a local job listens beyond loopback"
+    assert results[0]["listening"], "rank 0 serves the rendezvous store"
 
 
 def test_pinning_places_ranks_on_their_own_cores() -> None:
@@ -71,7 +94,7 @@ def test_without_process_group_collectives_are_identity() -> None:
     assert comm.all_reduce(x.clone()).equal(x)
     assert comm.all_reduce_start(x.clone()).wait().equal(x)
     assert comm.all_gather(x).shape == (1, 4)
-    assert comm.broadcast_object([3]) == [3]
+    assert comm.broadcast_json([3]) == [3]
 
 
 def _fail_on_rank_one() -> int:

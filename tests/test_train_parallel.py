@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import hybrid, smollm2_layout_config
 
 from ladder import LadderForCausalLM, Schedule, comm, launcher, random_full_state_dict
@@ -71,6 +72,14 @@ def build(schedule: str, lora_rank: int, rank: int | None = None, world: int | N
     return model, trainer
 
 
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every tensor-parallel rank's `obj` on that group's rank 0 (pickled: the library never does this,
+    but these ranks are the test's own)."""
+    box = [None] * comm.tp_size() if comm.tp_rank() == 0 else None
+    dist.gather_object(obj, box, group=comm._groups.tensor, group_dst=0)
+    return box
+
+
 def whole_tensors(model: LadderForCausalLM, trainer: Trainer, grads: bool) -> dict[str, torch.Tensor]:
     """Every trainable tensor (or its gradient) whole, on rank 0; every rank calls in the same order."""
     full_names = list(model.plan.full_shapes())
@@ -83,7 +92,7 @@ def whole_tensors(model: LadderForCausalLM, trainer: Trainer, grads: bool) -> di
             continue  # a frozen base tensor under LoRA
         param = own.get(name)  # None: a row-parallel bias this rank does not hold
         tensor = None if param is None else (param.grad if grads else param.detach()).clone()
-        gathered = comm.gather_objects(None if param is None else (shards[name], tensor))
+        gathered = gather_objects(None if param is None else (shards[name], tensor))
         if gathered is not None:
             held = [(None, None) if g is None else g for g in gathered]
             out[name] = join([s for s, _ in held], [t for _, t in held])

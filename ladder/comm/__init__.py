@@ -11,7 +11,10 @@ Callers never see which.
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from ladder.comm.transport import CommunicationError, Pending, Reduction, Transp
 __all__ = ["CommunicationError", "Pending", "Reduction", "Transport"]
 
 DEFAULT_TIMEOUT_S = 60.0
+MAX_JSON_BYTES = 64 * 2**20  # a peer's JSON message (prompts, a verdict) larger than this is refused
 
 
 @dataclass
@@ -52,7 +56,7 @@ LINK_ENV = "LADDER_LINK"  # and an emulated link, e.g. latency=200us,bandwidth=1
 
 
 def init(timeout_s: float = DEFAULT_TIMEOUT_S, realtime_threads: bool = True, transport: str | None = None,
-         link: str | None = None) -> None:
+         link: str | None = None, loopback: bool = False) -> None:
     """Join the gloo group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_*).
 
     `timeout_s` bounds every collective: a rank that dies or never arrives makes the others raise
@@ -61,7 +65,8 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S, realtime_threads: bool = True, tr
     LADDER_COMM environment variable, else auto): auto and shm use shared memory among the ranks of
     each host and gloo between hosts; auto uses plain gloo where no two ranks share a host. `link`
     (default: LADDER_LINK) puts the tensor-parallel collectives behind an emulated link
-    (`ladder.comm.emulated`), e.g. "latency=200us,bandwidth=10gbit".
+    (`ladder.comm.emulated`), e.g. "latency=200us,bandwidth=10gbit". `loopback` (a job on one host)
+    makes the rendezvous store listen on 127.0.0.1 only, where torch's own listens on every interface.
     """
     global _groups
     if dist.is_initialized():
@@ -73,7 +78,13 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S, realtime_threads: bool = True, tr
     emulated = Link.parse(link) if link else None
     rank = int(os.environ.get("RANK", "0"))
     try:
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        if loopback:
+            world = int(os.environ["WORLD_SIZE"])
+            store = _loopback_store(rank, world, int(os.environ["MASTER_PORT"]), timeout_s)
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s), store=store, rank=rank,
+                                    world_size=world)
+        else:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as exc:  # the store raises various types on timeout or refused connection
         raise CommunicationError(
             f"rank {rank}: could not join the gloo process group within {timeout_s:.0f}s "
@@ -84,6 +95,17 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S, realtime_threads: bool = True, tr
     _groups.transport = _make_transport(None)
     if realtime_threads:
         _raise_gloo_priority()
+
+
+def _loopback_store(rank: int, world: int, port: int, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store of a one-host job: rank 0 serves it from a socket bound to 127.0.0.1."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world, False, timeout)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen()
+    return dist.TCPStore("127.0.0.1", port, world, True, timeout, master_listen_fd=listener.detach())
 
 
 def shutdown(failing: bool = False) -> None:
@@ -205,28 +227,79 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Send a small picklable object (e.g. a list of prompts' token ids) from `src` to every rank."""
-    if tp_size() == 1:
-        return obj
-    box = [obj]
-    try:
-        dist.broadcast_object_list(box, group=_groups.tensor, group_src=src)
-    except Exception as exc:
-        raise failed("broadcast_object", exc) from exc
-    return box[0]
+# Nothing a peer sends is unpickled: values travel as JSON text and tensors as their raw bytes, so a
+# peer (or anyone who reaches the rendezvous port) can send wrong data but never run code.
 
 
-def gather_objects(obj: Any) -> list[Any] | None:
-    """Every tensor-parallel rank's `obj` (e.g. its shard of a tensor), on that group's rank 0 only."""
+def broadcast_json(value: Any, src: int = 0) -> Any:
+    """Send a JSON value (e.g. prompts' token ids) from tensor-parallel rank `src` to every rank."""
     if tp_size() == 1:
-        return [obj]
-    box: list[Any] | None = [None] * tp_size() if tp_rank() == 0 else None
+        return value
+    data = json.dumps(value).encode() if tp_rank() == src else b""
     try:
-        dist.gather_object(obj, box, group=_groups.tensor, group_dst=0)
+        length = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(length, group=_groups.tensor, group_src=src)
+        _check_length(int(length))
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(int(length),
+                                                                                              dtype=torch.uint8)
+        dist.broadcast(buffer, group=_groups.tensor, group_src=src)
     except Exception as exc:
-        raise failed("gather_object", exc) from exc
-    return box
+        raise failed("broadcast_json", exc) from exc
+    return json.loads(buffer.numpy().tobytes())
+
+
+def gather_tensors(tensor: torch.Tensor | None) -> list[torch.Tensor | None] | None:
+    """Every tensor-parallel rank's `tensor` (any shape and dtype, or None), on that group's rank 0 only."""
+    if tp_size() == 1:
+        return [tensor]
+    described = None if tensor is None else {"shape": list(tensor.shape), "dtype": str(tensor.dtype)}
+    try:
+        if tp_rank() != 0:
+            _send_bytes(json.dumps(described).encode())
+            if tensor is not None:
+                dist.send(_raw(tensor), group=_groups.tensor, group_dst=0)
+            return None
+        out: list[torch.Tensor | None] = [tensor]
+        for peer in range(1, tp_size()):
+            received = json.loads(_receive_bytes(peer))
+            if received is None:
+                out.append(None)
+                continue
+            dtype = _DTYPES_BY_NAME[received["dtype"]]
+            shape = [int(n) for n in received["shape"]]
+            raw = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
+            dist.recv(raw, group=_groups.tensor, group_src=peer)
+            out.append(raw.view(dtype).reshape(shape))
+        return out
+    except Exception as exc:
+        raise failed("gather_tensors", exc) from exc
+
+
+_DTYPES_BY_NAME = {str(d): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64,
+                                        torch.int32, torch.int8, torch.uint8, torch.bool)}
+
+
+def _check_length(length: int) -> None:
+    if not 0 < length <= MAX_JSON_BYTES:
+        raise ValueError(f"a peer announced a message of {length} bytes (at most {MAX_JSON_BYTES})")
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _send_bytes(data: bytes) -> None:
+    dist.send(torch.tensor([len(data)], dtype=torch.int64), group=_groups.tensor, group_dst=0)
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), group=_groups.tensor, group_dst=0)
+
+
+def _receive_bytes(peer: int) -> bytes:
+    length = torch.empty(1, dtype=torch.int64)
+    dist.recv(length, group=_groups.tensor, group_src=peer)
+    _check_length(int(length))
+    data = torch.empty(int(length), dtype=torch.uint8)
+    dist.recv(data, group=_groups.tensor, group_src=peer)
+    return data.numpy().tobytes()
 
 
 # --- the whole world and the data-parallel group -----------------------------------------------

@@ -29,7 +29,13 @@ from ladder.data import (
     split_stream,
     token_stream,
 )
-from ladder.finetune.rundir import MetricsLog, load_training_state, open_run_dir, save_training_state
+from ladder.finetune.rundir import (
+    MetricsLog,
+    check_outputs,
+    load_training_state,
+    open_run_dir,
+    save_training_state,
+)
 from ladder.finetune.settings import FinetuneError, Settings
 from ladder.finetune.trainer import Trainer, evaluate, prepare_model
 from ladder.launcher import Placement, run, under_torchrun
@@ -109,6 +115,14 @@ def validation_loss(settings: Settings) -> float:
 
 def prepare(settings: Settings) -> PreparedRun:
     """Check everything and set up the run directory; raises before writing anything if a check fails."""
+    check_outputs(settings)
+    prepared = read_inputs(settings)
+    prepared.resume_from = open_run_dir(settings)
+    return prepared
+
+
+def read_inputs(settings: Settings) -> PreparedRun:
+    """The checked checkpoint and settings, the tokenized data and the step count; writes nothing."""
     config = check_checkpoint(settings.checkpoint)
     schedules = trained_schedules(settings, config)
     try:
@@ -118,12 +132,9 @@ def prepare(settings: Settings) -> PreparedRun:
     if settings.only_ladder_layers and Schedule.LADDER not in (schedules or config.schedules):
         raise FinetuneError("--only-ladder-layers: the model has no ladder layers (choose some with --ladder-layers)")
     data = load_data(settings, config)
-    if settings.out.exists() and not settings.force:
-        raise FinetuneError(f"{settings.out} already exists; choose another --out or pass --force to replace it")
-    resume_from = open_run_dir(settings)
     steps = settings.steps or math.ceil(settings.epochs * ((len(data.train) - 1) // settings.seq_len)
                                         / settings.sequences_per_step)
-    return PreparedRun(settings, schedules, data, max(1, steps), resume_from)
+    return PreparedRun(settings, schedules, data, max(1, steps))
 
 
 def train_on_rank(prepared: PreparedRun) -> dict[str, Any]:
@@ -199,19 +210,24 @@ def finetune(settings: Settings) -> dict[str, Any] | None:
 
 
 def _prepare_and_train(settings: Settings) -> dict[str, Any] | None:
-    """Under torchrun: rank 0 alone checks and sets up the run directory; the others take its verdict."""
+    """Under torchrun: rank 0 alone checks and sets up the run directory; the others take its verdict
+    (as JSON: nothing from a peer is unpickled) and read the same inputs."""
     world = comm.global_world_size()
     if world % settings.tp:
         raise FinetuneError(f"--tp {settings.tp} does not divide torchrun's world of {world} ranks")
     settings = dataclasses.replace(settings, dp=world // settings.tp)
-    prepared: PreparedRun | FinetuneError | None = None
+    verdict: dict[str, str | None] = {"error": None, "resume_from": None}
     if comm.global_rank() == 0:
         try:
             prepared = prepare(settings)
+            verdict["resume_from"] = None if prepared.resume_from is None else str(prepared.resume_from)
         except FinetuneError as exc:
-            prepared = exc
-    prepared = comm.broadcast_object(prepared)
-    if isinstance(prepared, FinetuneError):
-        raise prepared
+            verdict["error"] = str(exc)
+    verdict = comm.broadcast_json(verdict)
+    if verdict["error"] is not None:
+        raise FinetuneError(verdict["error"])
+    if comm.global_rank() != 0:
+        prepared = read_inputs(settings)
+        prepared.resume_from = None if verdict["resume_from"] is None else Path(verdict["resume_from"])
     summary = train_on_rank(prepared)
     return summary if comm.global_rank() == 0 else None

@@ -1,6 +1,6 @@
 """The run directory: what defines the run, its metrics, and the checkpoints a killed run resumes from.
 
-    RUN_DIR/run.json                    the run's identity (settings, checkpoint config, data fingerprint)
+    RUN_DIR/run.json                    the run's identity (settings, checkpoint config and content, data)
     RUN_DIR/metrics.jsonl               one JSON record per step and per validation
     RUN_DIR/checkpoints/step-N/         rank-R.pt per rank and state.json, renamed into place when whole
 """
@@ -17,33 +17,53 @@ from typing import Any
 import torch
 
 from ladder import comm
-from ladder.finetune.settings import FinetuneError, Settings
+from ladder.finetune.settings import CONTENT, FinetuneError, Settings
 from ladder.finetune.trainer import Trainer
+from ladder.outputs import OutputError, check_output, commit_output, refuse_overlaps, start_output
+
+
+def check_outputs(settings: Settings) -> None:
+    """Refuse, before any work, outputs that overlap the inputs or each other, or may not be replaced
+    (`ladder.outputs`): --out and the run directory apart from the checkpoint, the data and each other."""
+    inputs = [settings.checkpoint, *settings.data]
+    try:
+        check_output(settings.out, [*inputs, settings.run_dir], settings.force, "--out")
+        if settings.resume:
+            refuse_overlaps(settings.run_dir, [*inputs, settings.out], "--run-dir")
+        elif settings.run_dir.exists() and not settings.force:
+            raise FinetuneError(f"{settings.run_dir} already holds a run; pass --resume to continue it or --force "
+                                "to start over")
+        else:
+            check_output(settings.run_dir, [*inputs, settings.out], settings.force, "--run-dir")
+    except OutputError as exc:
+        raise FinetuneError(str(exc)) from None
 
 
 def open_run_dir(settings: Settings) -> Path | None:
     """Start a fresh run directory, or check that `--resume` continues the very same run.
 
     Returns the newest complete checkpoint to resume from (None: start from step 0). Raises
-    before writing anything when the directory holds another run.
+    before writing anything when the directory holds another run or the base checkpoint changed.
     """
     run_dir, identity = settings.run_dir, settings.identity()
     if settings.resume:
         if not (run_dir / "run.json").exists():
             raise FinetuneError(f"--resume: {run_dir} holds no run to resume (no run.json)")
         saved = json.loads((run_dir / "run.json").read_text())
+        if saved.get(CONTENT) != identity[CONTENT]:
+            raise FinetuneError(f"--resume: the weights of {settings.checkpoint} changed since the run in {run_dir} "
+                                "started (their fingerprint differs); resuming would continue training made for "
+                                "other weights. Restore that checkpoint, or start over with --force")
         changed = differences(saved, identity)
         if changed:
             raise FinetuneError(f"--resume: this run differs from the one in {run_dir}: " + "; ".join(changed))
         resume_from = latest_checkpoint(run_dir)
         keep_metrics(run_dir / "metrics.jsonl", 0 if resume_from is None else checkpoint_step(resume_from))
         return resume_from
-    if run_dir.exists() and not settings.force:
-        raise FinetuneError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    (run_dir / "run.json").write_text(json.dumps(identity, indent=2))
-    (run_dir / "metrics.jsonl").write_text("")
+    staging = start_output(run_dir)
+    (staging / "run.json").write_text(json.dumps(identity, indent=2))
+    (staging / "metrics.jsonl").write_text("")
+    commit_output(staging, run_dir, settings.force)
     return None
 
 

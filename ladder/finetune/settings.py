@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ladder.checkpoint import content_fingerprint
 from ladder.comm import DEFAULT_TIMEOUT_S, TRANSPORTS
 from ladder.data import fingerprint
 from ladder.lora import PROJECTIONS, LoRAConfig
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+CONTENT = "checkpoint_content"  # the identity's fingerprint of the base checkpoint's weights
 
 
 class FinetuneError(ValueError):
@@ -66,7 +68,7 @@ class Settings:
     eval_every: int = setting(0, "validation every N steps (0: at the end only)")
     checkpoint_every: int = setting(0, "resumable checkpoint every N steps (0: none)")
     resume: bool = setting(False, "continue the run in --run-dir exactly")
-    force: bool = setting(False, "replace an existing --out and run directory")
+    force: bool = setting(False, "replace an --out and run directory that ladder wrote before")
     progress: bool = setting(True, "progress bar")
     threads: int | None = setting(None, "torch threads per rank (default: cores / ranks)")
     pin: bool = setting(False, "pin each rank to its own cores")
@@ -122,6 +124,7 @@ class Settings:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.PRESENTATION}
         out["checkpoint"] = str(self.checkpoint.resolve())
         out["checkpoint_config"] = json.loads((self.checkpoint / "config.json").read_text())
+        out[CONTENT] = content_fingerprint(self.checkpoint)
         out["data"] = fingerprint(self.data)
         out["lora_targets"] = list(self.lora_targets)
         return json.loads(json.dumps(out, default=str))
