@@ -15,6 +15,7 @@ from ladder.config import DTYPES, Schedule
 from ladder.generate import Sampling, generate
 from ladder.launcher import Placement, under_torchrun
 from ladder.launcher import run as run_ranks
+from ladder.outputs import refuse_overlaps
 from ladder.sharding import ShardPlan
 from ladder.tokenizer import StreamDecoder, Tokenizer
 
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.checkpoint)
     if not under_torchrun():
         ShardPlan(config, 0, args.tp)  # refuse an impossible TP size before any rank starts
+    if args.json_out:
+        refuse_overlaps(args.json_out, [args.checkpoint], "--json-out")
     run_ranks(generate_on_rank, args.tp, args, placement=placement_from_args(args), timeout_s=args.timeout)
     return 0
 

@@ -180,6 +180,26 @@ def test_full_disk_on_a_real_small_filesystem(hf_dir, tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def test_a_conversion_needs_no_disk_beyond_its_output(hf_dir, tmp_path):
+    """Each shard is written once, in place: a tmpfs one shard smaller than output + a shard still fits
+    it (each file takes whole 4 KiB pages on tmpfs). Needs root to mount, skipped otherwise."""
+    shard_bytes = 48 * 2**10
+    convert(hf_dir, tmp_path / "reference", shard_bytes=shard_bytes)
+    files = list((tmp_path / "reference").iterdir())
+    assert len([f for f in files if f.suffix == ".safetensors"]) > 2
+    pages = sum(-(-f.stat().st_size // 4096) * 4096 for f in files)
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages + 8192}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        convert(hf_dir, mount / "dst", shard_bytes=shard_bytes)
+        assert sorted(p.name for p in mount.iterdir()) == ["dst"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 def test_config_round_trips_through_ladder_config(hf_dir, tmp_path):
     convert(hf_dir, tmp_path / "dst", ladder_layers="0,2")
     written = json.loads((tmp_path / "dst" / "config.json").read_text())

@@ -95,13 +95,17 @@ def test_side_files_must_be_regular_files_inside_the_source(hf_dir: Path, tmp_pa
     assert (dst / "tokenizer_config.json").read_text() == "{}"
 
 
-def test_tokenizer_refuses_a_link_out_of_the_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
+def test_tokenizer_and_finetune_refuse_a_link_out_of_the_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
     copy = copy_of(checkpoint, tmp_path / "ckpt")
     (tmp_path / "elsewhere.json").write_text("{}")
     (copy / "tokenizer_config.json").unlink()
     (copy / "tokenizer_config.json").symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(UnsafeFileError, match=r"tokenizer_config.json is a link to .*elsewhere.json"):
         Tokenizer(copy)
+    data = text_file(tmp_path / "text.txt")
+    with pytest.raises(FinetuneError, match=r"tokenizer_config.json is a link to .*elsewhere.json"):
+        finetune(Settings(copy, [data], tmp_path / "out", seq_len=32, steps=1, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "elsewhere.json", "text.txt"]
 
 
 def test_resume_refuses_changed_base_weights(tmp_path: Path) -> None:

@@ -40,8 +40,9 @@ from ladder.finetune.settings import FinetuneError, Settings
 from ladder.finetune.trainer import Trainer, evaluate, prepare_model
 from ladder.launcher import Placement, run, under_torchrun
 from ladder.lora import merge_adapters
+from ladder.outputs import UnsafeFileError, side_file
 from ladder.sharding import ShardingError, ShardPlan
-from ladder.tokenizer import Tokenizer
+from ladder.tokenizer import TOKENIZER_FILES, Tokenizer
 
 # Seeds of different replicas' dropout lie this far apart, so that no two runs' replicas share one.
 REPLICA_SEED_STRIDE = 1009
@@ -72,7 +73,11 @@ def check_checkpoint(path: Path) -> LadderConfig:
     if problem:
         raise FinetuneError(f"{path} is not a Ladder checkpoint (a directory with config.json and safetensors "
                             f"weights; convert other formats with `ladder convert`): {problem}")
-    if not (path / "tokenizer.json").exists():
+    try:  # read now, and copied into --out at the end: refused now rather than after training
+        side_files = {name: side_file(path, name) for name in TOKENIZER_FILES}
+    except UnsafeFileError as exc:
+        raise FinetuneError(str(exc)) from None
+    if side_files["tokenizer.json"] is None:
         raise FinetuneError(f"{path}: no tokenizer.json, which fine-tuning needs to tokenize the data")
     return config
 
