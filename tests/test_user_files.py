@@ -19,8 +19,9 @@ from conversion_sources import rewrite_weights, write_gguf
 from test_train import text_file, tiny_checkpoint
 
 from ladder.finetune import FinetuneError, Settings, finetune
-from ladder.outputs import MARKER, OutputError, UnsafeFileError
+from ladder.outputs import LAUNCHER_PID_ENV, MARKER, OutputError, UnsafeFileError
 from ladder.tokenizer import Tokenizer
+from ladder.writer import CheckpointWriter
 from ladder_conversion.convert import convert
 from ladder_conversion.source import ConversionError
 
@@ -134,6 +135,14 @@ def test_stale_partial_directories_of_dead_jobs_are_removed(hf_dir: Path, tmp_pa
     convert(hf_dir, tmp_path / "dst")
     assert not stale.exists() and live.exists() and foreign.exists()
     assert (tmp_path / "dst" / MARKER).exists()
+
+
+def test_a_rank_whose_launcher_died_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LAUNCHER_PID_ENV, str(_dead_pid()))  # this process's parent is not that launcher
+    with (pytest.raises(OutputError, match="the launcher of this job has died; nothing is committed"),
+          CheckpointWriter(tmp_path / "dst") as writer):
+        writer.add_tensor("w", torch.ones(3))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(("command", "sig"), [("finetune", signal.SIGKILL), ("finetune", signal.SIGTERM),
