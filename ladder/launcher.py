@@ -185,7 +185,8 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
     `fn` must be importable (a module-level function). If a rank fails, the others get
     `timeout_s` (plus a margin) to notice on their own before they are killed, and `LaunchError`
     reports every rank's failure. Each rank reports through a pipe of its own (no named semaphores
-    that a killed job could leave behind).
+    that a killed job could leave behind). Ranks ignore Ctrl-C: the launcher gets it, kills every rank
+    and re-raises, as it does with any exception; if the launcher itself is killed, so are they.
     """
     placement = placement or Placement()
     ctx = mp.get_context("spawn")
