@@ -25,6 +25,7 @@ import torch
 from ladder import comm
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+FAILURE_GRACE_S = 5.0  # how long the other ranks have to stop on their own after one fails
 
 
 class LaunchError(RuntimeError):
@@ -150,8 +151,8 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
            timeout_s: float = comm.DEFAULT_TIMEOUT_S, **kwargs: Any) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world` spawned local gloo ranks and return each rank's result.
 
-    `fn` must be importable (a module-level function). If a rank fails, the others get
-    `timeout_s` (plus a margin) to notice on their own before they are killed, and `LaunchError`
+    `fn` must be importable (a module-level function). If a rank fails, the others get a few
+    seconds (at most `timeout_s`) to notice on their own before they are killed, and `LaunchError`
     reports every rank's failure. Each rank reports through a pipe of its own (no named semaphores
     that a killed job could leave behind).
     """
@@ -168,7 +169,9 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
         readers.append(reader)
     outcomes: dict[int, tuple[bool, Any]] = {}
     first_failure: float | None = None
-    grace = timeout_s + 10.0
+    # The survivors of a failure are blocked in collectives that started with the failing rank's,
+    # so they notice within about as long; a rank still running after that is hung and is killed.
+    grace = min(timeout_s, FAILURE_GRACE_S)
     while len(outcomes) < world:
         waiting = {readers[r]: r for r in range(world) if r not in outcomes}
         for ready in wait(list(waiting), timeout=0.05):
