@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         args.latencies = list(LATENCIES_US) if args.latencies is None else args.latencies
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ladder-bench-weights-") as weights:
         report = measure_all(args, shapes, tps, workload, Path(weights))

@@ -62,6 +62,21 @@ def full_shapes(config: LadderConfig) -> dict[str, tuple[int, ...]]:
     return ShardPlan(config).full_shapes()
 
 
+def non_finite(stored: torch.Tensor, cast: torch.Tensor) -> str | None:
+    """Why `cast` (`stored` in the dtype it is used in) is not all finite, None when it is.
+
+    NaN or infinite weights would run and generate garbage without a word; so would a cast to a
+    narrower dtype that turns large weights into infinities. One pass over the cast tensor, and a
+    second over the stored one only to say which of the two it was.
+    """
+    if bool(torch.isfinite(cast).all()):
+        return None
+    if not bool(torch.isfinite(stored).all()):
+        return f"holds {int((~torch.isfinite(stored)).sum())} NaN or infinite value(s)"
+    return (f"has values as large as {float(stored.abs().max()):.4g}, which overflow {dtype_name(cast.dtype)} "
+            "(choose a wider --dtype)")
+
+
 def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
                strides: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """This rank's part of every tensor in `plan`, read lazily and checked against the config.
@@ -102,6 +117,8 @@ def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
                 else:
                     view = lazy[:, part.start:part.stop]
                 shard[name] = torch.empty_strided(view.shape, strides[name], dtype=dtype).copy_(view)
+                if problem := non_finite(view, shard[name]):
+                    raise CheckpointError(f"{file}: tensor {name} {problem}")
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
     return shard

@@ -29,7 +29,17 @@ FAILURE_GRACE_S = 5.0  # how long the other ranks have to stop on their own afte
 
 
 class LaunchError(RuntimeError):
-    """One or more ranks of a launched job failed; the message has each failing rank's error."""
+    """One or more ranks of a launched job failed; the message has each failing rank's error.
+
+    `cause` is the exception that started it, when a rank could send it: the first failure that is
+    not a rank noticing another's (`CommunicationError`), so a command can report the real problem.
+    """
+
+    def __init__(self, message: str, errors: dict[int, BaseException] | None = None) -> None:
+        super().__init__(message)
+        errors = errors or {}
+        own = [e for e in errors.values() if not isinstance(e, comm.CommunicationError)]
+        self.cause: BaseException | None = (own or list(errors.values()) or [None])[0]
 
 
 @dataclass(frozen=True)
@@ -140,11 +150,20 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, placeme
         placement.join(rank, world, timeout_s)
         # Plain pickle sends tensors by value: a shared-memory handle would die with this process.
         result.send((True, pickle.dumps(fn(*args, **kwargs))))
-    except BaseException:
-        result.send((False, traceback.format_exc()))
+    except BaseException as exc:
+        result.send((False, (traceback.format_exc(), _sendable(exc))))
         comm.shutdown(failing=True)
         raise SystemExit(1) from None
     comm.shutdown()
+
+
+def _sendable(exc: BaseException) -> BaseException | None:
+    """`exc` if it survives pickling (most exceptions do; one holding an open file does not)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return None
+    return exc
 
 
 def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement | None = None,
@@ -192,8 +211,10 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
         p.join(timeout=5)
         if p.is_alive():
             p.kill()
-    failures = {r: msg for r, (ok, msg) in sorted(outcomes.items()) if not ok}
+    failures = {r: msg if isinstance(msg, str) else msg[0] for r, (ok, msg) in sorted(outcomes.items()) if not ok}
     if failures:
         detail = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failures.items())
-        raise LaunchError(f"{len(failures)} of {world} ranks failed:\n{detail}")
+        errors = {r: msg[1] for r, (ok, msg) in sorted(outcomes.items())
+                  if not ok and not isinstance(msg, str) and msg[1] is not None}
+        raise LaunchError(f"{len(failures)} of {world} ranks failed:\n{detail}", errors)
     return [pickle.loads(outcomes[r][1]) for r in range(world)]

@@ -126,10 +126,22 @@ def test_max_new_tokens_one_is_just_the_prefill_token(models: dict) -> None:
     assert len(result.tokens[0]) == 1 and result.decode_steps == 0
 
 
+def test_max_new_tokens_zero_generates_nothing(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zero means zero (it once produced the prefill's token); the model is not even run."""
+    model = models["hybrid"]
+    monkeypatch.setattr(model, "forward", lambda *args, **kwargs: pytest.fail("the model ran"))
+    result = generate(model, [[5, 6, 7], [8]], max_new_tokens=0)
+    assert result.tokens == [[], []] and result.decode_steps == 0 and result.prompt_tokens == 4
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+        generate(model, [[5, 6, 7]], max_new_tokens=-1)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [(dict(temperature=-0.5), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
-     (dict(top_p=1.5), "top_p")],
+     (dict(top_p=1.5), "top_p"), (dict(temperature=float("nan")), "temperature must be a finite number"),
+     (dict(temperature=float("inf")), "temperature must be a finite number"), (dict(top_k=-3), "top_k"),
+     (dict(top_p=float("nan")), "top_p")],
 )
 def test_sampling_parameters_are_validated(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
