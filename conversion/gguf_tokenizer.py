@@ -130,6 +130,10 @@ def build_tokenizer(meta: dict[str, Any], source: str) -> dict[str, str]:
 
     ids = {key: meta[f"tokenizer.ggml.{field}"] for key, field in SPECIAL_TOKEN_KEYS.items()
            if f"tokenizer.ggml.{field}" in meta}
+    for key, index in ids.items():
+        if not isinstance(index, int) or not 0 <= index < len(tokens):
+            raise ConversionError(f"{source}: tokenizer.ggml.{SPECIAL_TOKEN_KEYS[key]} {index!r} is outside the "
+                                  f"vocabulary of {len(tokens)} tokens")
     special = {key: tokens[index] for key, index in ids.items()}
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model in ADD_BOS_BY_DEFAULT))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token"))

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ladder import comm
-from ladder.config import LadderConfig, Schedule, dtype_name
+from ladder.config import LadderConfig, Schedule, dtype_name, shown
 from ladder.model import LadderForCausalLM
 from ladder.sharding import ShardPlan
 from ladder.tokenizer import TOKENIZER_FILES
@@ -40,8 +40,11 @@ def weight_map(path: str | Path) -> dict[str, Path]:
     if index.exists():
         try:
             mapping = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(f, str) for f in mapping.values()):
+            raise CheckpointError(f"{index}: weight_map must map each tensor name to a file name, got "
+                                  f"{shown(mapping)}")
         files = {name: path / file for name, file in mapping.items()}
         missing = sorted({str(f) for f in files.values() if not f.exists()})
         if missing:
