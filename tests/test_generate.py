@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
 from ladder import (
     LadderConfig,
@@ -17,6 +22,8 @@ from ladder import (
     random_full_state_dict,
 )
 from ladder.generate import choose_next
+from ladder.tokenizer import TEMPLATE_SECONDS
+from ladder.tokenizer import Tokenizer as LadderTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -206,3 +213,26 @@ def test_filtering_matches_transformers(sampling: Sampling, make_tiny_config: Ca
     assert set(torch.nonzero(counts).flatten().tolist()) <= allowed
     assert {t for t in allowed if expected[t] > 0.005} <= set(chosen.tolist())
     torch.testing.assert_close(counts, expected.double(), atol=0.03, rtol=0)
+
+
+# --- chat templates found in a checkpoint render under time and size limits --------------------------
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "takes longer than 2 s"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}many words{% endfor %}{% endfor %}",
+     "renders more than 4194304 characters"),
+    ("{{ 'x' * 10**10 }}", "'\\*' would make a value beyond the template's limits"),
+    ("{{ 7 ** 100000000 }}", "'\\*\\*' would make a value"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+     "'\\+' would make a value"),
+])
+def test_hostile_chat_templates_are_refused_within_their_limits(tmp_path: Path, template: str, message: str) -> None:
+    Tokenizer(WordLevel({"a": 0}, unk_token="a")).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=f"the chat template cannot be rendered: .*{message}"):
+        LadderTokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - started < TEMPLATE_SECONDS + 2
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
+    assert LadderTokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
