@@ -142,6 +142,20 @@ def test_bad_flag_values_are_refused_by_argparse(checkpoint: Path, flag: str, va
     assert "missing rank" not in stderr
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [("--lr", "inf", r"--lr must be a finite number > 0, got inf"),
+                                                        ("--lora-alpha", "nan", r"--lora-alpha must be a finite number")])
+def test_finetune_bad_setting_is_one_line_and_leaves_no_run_record(checkpoint: Path, tmp_path: Path, flag: str,
+                                                                    value: str, message: str,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data.txt"
+    data.write_text("w1 w2 w3 " * 200)
+    out = tmp_path / "out"
+    command = ["finetune", str(checkpoint), "--data", str(data), "--out", str(out), "--lora-rank", "2"]
+    assert main([*command, flag, value]) == 2
+    _assert_one_line("finetune", *capsys.readouterr(), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]  # no OUT, no OUT.run to refuse a retry
+
+
 def test_float16_overflow_is_named(checkpoint: Path, tmp_path: Path) -> None:
     big = tmp_path / "big"
     weights = load_file(checkpoint / "model.safetensors")
