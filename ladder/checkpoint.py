@@ -23,6 +23,7 @@ from ladder.writer import CheckpointWriter
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+FINITE_CHECK_ELEMENTS = 2**20
 
 
 class CheckpointError(ValueError):
@@ -65,6 +66,15 @@ def full_shapes(config: LadderConfig) -> dict[str, tuple[int, ...]]:
     return ShardPlan(config).full_shapes()
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Checked a slab of rows at a time: `isfinite` on a whole embedding would allocate temporaries
+    larger than the tensor itself (it takes the absolute values first)."""
+    if tensor.dim() == 0:
+        return bool(torch.isfinite(tensor))
+    rows = max(1, FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel()))
+    return all(bool(torch.isfinite(slab).all()) for slab in tensor.split(rows))
+
+
 def non_finite(stored: torch.Tensor, cast: torch.Tensor) -> str | None:
     """Why `cast` (`stored` in the dtype it is used in) is not all finite, None when it is.
 
@@ -72,9 +82,9 @@ def non_finite(stored: torch.Tensor, cast: torch.Tensor) -> str | None:
     narrower dtype that turns large weights into infinities. One pass over the cast tensor, and a
     second over the stored one only to say which of the two it was.
     """
-    if bool(torch.isfinite(cast).all()):
+    if all_finite(cast):
         return None
-    if not bool(torch.isfinite(stored).all()):
+    if not all_finite(stored):
         return f"holds {int((~torch.isfinite(stored)).sum())} NaN or infinite value(s)"
     return (f"has values as large as {float(stored.abs().max()):.4g}, which overflow {dtype_name(cast.dtype)} "
             "(choose a wider --dtype)")

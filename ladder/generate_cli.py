@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
              for p in args.prompt]
     prompts = [tokenizer.encode(t) for t in texts]
+    if not all(prompts):
+        raise ValueError("--prompt: every prompt needs at least one token")
     run_ranks(generate_on_rank, args.tp, args, prompts, sampling, placement=placement_from_args(args),
               timeout_s=args.timeout)
     return 0

@@ -26,10 +26,13 @@ class Tokenizer:
         file = path / "tokenizer.json"
         if not file.exists():
             raise FileNotFoundError(f"{path}: no tokenizer.json (pass token ids instead of text)")
-        self.inner = _Tokenizer.from_file(str(file))
+        try:
+            self.inner = _Tokenizer.from_file(str(file))
+        except Exception as exc:  # the tokenizers library raises a bare Exception on a malformed file
+            raise ValueError(f"{file}: not a tokenizer the tokenizers library reads ({exc})") from None
         config_file = path / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.exists() else {}
-        self.chat_template: str | None = self.config.get("chat_template")
+        self.config: dict[str, Any] = _json_object(config_file) if config_file.exists() else {}
+        self.chat_template = _default_template(self.config.get("chat_template"), config_file)
 
     def _special(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -117,6 +120,27 @@ def _time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return raw
+
+
+def _default_template(template: Any, file: Path) -> str | None:
+    """The chat template: a string, or the one named "default" in Hugging Face's list of named templates."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{file}: chat_template must be a template string (or a list holding one named "
+                         "'default')")
+    return template
 
 
 class StreamDecoder:

@@ -115,6 +115,7 @@ def _assert_one_line(command: str, stdout: str, stderr: str, message: str) -> No
     (["--tp", "2", "--top-k", "-1"], r"top_k must be >= 1"),
     (["--tp", "0"], r"tensor-parallel size must be at least 1, got 0"),
     (["--tp", "2", "--chat"], r"this tokenizer has no chat_template"),
+    (["--tp", "2", "--prompt", ""], r"every prompt needs at least one token"),
 ])
 def test_generate_bad_input_is_one_line_before_any_rank_starts(checkpoint: Path, flags: list[str], message: str,
                                                                capsys: pytest.CaptureFixture) -> None:

@@ -236,3 +236,17 @@ def test_hostile_chat_templates_are_refused_within_their_limits(tmp_path: Path, 
     assert time.perf_counter() - started < TEMPLATE_SECONDS + 2
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
     assert LadderTokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
+
+
+def test_malformed_tokenizer_files_are_named(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{not a tokenizer")
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a tokenizer the tokenizers library reads"):
+        LadderTokenizer(tmp_path)
+    Tokenizer(WordLevel({"a": 0}, unk_token="a")).save(str(tmp_path / "tokenizer.json"))
+    for config, message in (("[1, 2]", "expected a JSON object"), ('{"chat_template": 5}', "chat_template must be a template string")):
+        (tmp_path / "tokenizer_config.json").write_text(config)
+        with pytest.raises(ValueError, match=rf"tokenizer_config\.json: {message}"):
+            LadderTokenizer(tmp_path)
+    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ messages[0].content }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert LadderTokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
