@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,12 +49,24 @@ PLACEMENTS = {
 TRANSPORTS = ("shm", "gloo")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
+    """Positive integers (TP sizes, batch sizes), refused before any measurement starts."""
+    return [_positive_int(part) for part in text.split(",") if part]
 
 
 def _float_list(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part]
+    """Finite non-negative numbers (latencies in us)."""
+    values = [float(part) for part in text.split(",") if part]
+    if not all(0 <= v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"must be finite numbers >= 0, got {text}")
+    return values
 
 
 def _transports(text: str) -> list[str]:
@@ -76,8 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transports of every TP>1 session, e.g. shm,gloo (the collective cost always "
                         "measures both)")
     parser.add_argument("--batches", type=_int_list, default=[1, 4, 16])
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per batch size")
-    parser.add_argument("--new-tokens", type=int, default=17, help="tokens per timed generation")
+    parser.add_argument("--repeats", type=_positive_int, default=5, help="interleaved rounds per batch size")
+    parser.add_argument("--new-tokens", type=_positive_int, default=17, help="tokens per timed generation")
     parser.add_argument("--latencies", type=_float_list, default=None,
                         help="emulated-link latencies (us) of the TP=2 latency sweep, e.g. 0,100,400; the "
                         f"sub-block compute time is added (default {','.join(map(str, LATENCIES_US))}; "
@@ -108,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         args.latencies = list(LATENCIES_US) if args.latencies is None else args.latencies
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        raise SystemExit(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ladder-bench-weights-") as weights:
         report = measure_all(args, shapes, tps, workload, Path(weights))

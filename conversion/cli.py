@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from ladder.checkpoint import CheckpointError
-from ladder.config import DTYPES, ConfigError
-from ladder.outputs import OutputError
+from ladder.config import DTYPES
 
 from .convert import convert, open_source
-from .source import ConversionError
 from .verify import verify
 
 HELP = "convert a Hugging Face, Meta or GGUF Llama checkpoint into a Ladder checkpoint"
@@ -25,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers to make ladder layers: none, all, upper-half (the paper's recipe), a range "
                         "like 16-31 or a list like 1,5,7 (default: keep SRC's, i.e. none for foreign formats)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the written weights")
-    parser.add_argument("--force", action="store_true", help="replace DST if ladder wrote it (never a directory it did not write, nor one holding SRC)")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--verify", action="store_true",
                         help="reload DST and compare its logits with SRC's on a few tokens (both under the "
                         "standard schedule; a ladder DST as written is compared too, for information)")
@@ -33,15 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Bad input raises (ConversionError, ConfigError, CheckpointError, OutputExistsError): `ladder`
+    prints it as one line with exit code 2."""
     dtype = DTYPES[args.dtype]
-    try:
-        summary = convert(args.src, args.dst, args.ladder_layers, dtype, force=args.force, progress=not args.quiet)
-        print(summary)
-        if args.verify:
-            result = verify(open_source(args.src), args.dst, dtype)
-            print(result)
-            return 0 if result.passed else 1
-    except (ConversionError, ConfigError, CheckpointError, OutputError) as exc:
-        print(f"ladder convert: error: {exc}", file=sys.stderr)
-        return 2
+    print(convert(args.src, args.dst, args.ladder_layers, dtype, force=args.force, progress=not args.quiet))
+    if args.verify:
+        result = verify(open_source(args.src), args.dst, dtype)
+        print(result)
+        return 0 if result.passed else 1
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ladder.checkpoint import full_shapes
+from ladder.checkpoint import full_shapes, non_finite
 from ladder.config import LadderConfig, dtype_name
 from ladder.outputs import OutputError, UnsafeFileError, check_output
 from ladder.writer import DEFAULT_SHARD_BYTES, CheckpointWriter
@@ -147,7 +147,10 @@ def convert(src: str | Path, dst: str | Path, ladder_layers: str | None = None, 
                                           f"not the declared {list(source.shapes[name])}")
                 if config.tie_word_embeddings and name == TIED_HEAD:
                     continue  # tied: the head is the embedding
-                writer.add_tensor(name, tensor.to(dtype))
+                cast = tensor.to(dtype)
+                if problem := non_finite(tensor, cast):
+                    raise ConversionError(f"{source.origins[name]} {problem}")
+                writer.add_tensor(name, cast)
             writer.add_json("config.json", config_json(config, dtype))
             if "generation_config.json" not in side_files:
                 writer.add_json("generation_config.json", generation_config(config))

@@ -8,7 +8,9 @@ checkpoint needs no other file.
 
 from __future__ import annotations
 
+import mmap
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,10 +87,75 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int, origin
     raise ConversionError(f"{origin} rescales rotary frequencies in a way Llama 3's rope scaling does not describe")
 
 
+# GGUF value types (llama.cpp's gguf_type): fixed-size scalars by their byte size, then string and array.
+SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+STRING, ARRAY = 8, 9
+MAX_ARRAY_NESTING = 4
+MAX_TENSOR_DIMS = 8
+
+
+class _HeaderWalk:
+    """Steps through a GGUF header checking every count and length it claims against the bytes left.
+
+    The `gguf` reader trusts them: an array claiming 10**12 elements in a file of a few hundred bytes
+    keeps it looping without end. Walking first makes the work bounded by the file's size.
+    """
+
+    def __init__(self, data: mmap.mmap, path: Path) -> None:
+        self.data, self.at, self.path = data, 0, path
+
+    def take(self, count: int, what: str) -> int:
+        left = len(self.data) - self.at
+        if count > left:
+            raise ConversionError(f"{self.path}: {what} claims {count} bytes at offset {self.at}, but only {left} "
+                                  "are left in the file")
+        start, self.at = self.at, self.at + count
+        return start
+
+    def integer(self, fmt: str, what: str) -> int:
+        return struct.unpack_from(fmt, self.data, self.take(struct.calcsize(fmt), what))[0]
+
+    def value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in SCALAR_BYTES:
+            self.take(SCALAR_BYTES[kind], what)
+        elif kind == STRING:
+            self.take(self.integer("<Q", what), what)
+        elif kind == ARRAY and depth < MAX_ARRAY_NESTING:
+            item, count = self.integer("<I", what), self.integer("<Q", what)
+            if item in SCALAR_BYTES:
+                self.take(count * SCALAR_BYTES[item], f"{what} ({count} elements)")
+            else:
+                for _ in range(count):  # every element takes at least 8 bytes, so this ends with the file
+                    self.value(item, f"{what} ({count} elements)", depth + 1)
+        else:
+            raise ConversionError(f"{self.path}: {what} has value type {kind}, which GGUF does not define here")
+
+    def check(self) -> None:
+        self.take(8, "the header")  # magic and version
+        tensors, fields = self.integer("<Q", "the tensor count"), self.integer("<Q", "the metadata count")
+        for index in range(fields):
+            self.take(self.integer("<Q", f"metadata entry {index} of {fields}"), f"metadata entry {index} of {fields}")
+            self.value(self.integer("<I", f"metadata entry {index}"), f"metadata entry {index}")
+        for index in range(tensors):
+            what = f"tensor info {index} of {tensors}"
+            self.take(self.integer("<Q", what), what)
+            dims = self.integer("<I", what)
+            if dims > MAX_TENSOR_DIMS:
+                raise ConversionError(f"{self.path}: {what} claims {dims} dimensions")
+            self.take(8 * dims + 4 + 8, what)
+
+
+def check_claimed_sizes(path: Path) -> None:
+    """Refuse a GGUF file whose header claims more entries or bytes than the file holds."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _HeaderWalk(data, path).check()
+
+
 class GGUFSource(Source):
     format = "GGUF"
 
     def __init__(self, path: Path) -> None:
+        check_claimed_sizes(path)
         try:
             reader = gguf.GGUFReader(path)
         except Exception as exc:  # the reader raises ValueError, KeyError, struct errors... on a bad file

@@ -34,6 +34,9 @@ SPLIT_PRE = {
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe"), LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), QWEN2_SPLIT),
 }
+# SentencePiece pieces are short (its trainer's default limit is 16 characters); bounding them keeps
+# finding each piece's merges linear in the vocabulary's size.
+MAX_PIECE_CHARS = 256
 SPECIAL_TOKEN_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
                       "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
 
@@ -91,6 +94,10 @@ def sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], types: list[int],
     scores = meta.get("tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         raise ConversionError(f"{source}: a SentencePiece vocabulary needs one tokenizer.ggml.scores entry per token")
+    longest = max(tokens, key=len, default="")
+    if len(longest) > MAX_PIECE_CHARS:  # each piece's splits cost its length squared
+        raise ConversionError(f"{source}: SentencePiece piece {tokens.index(longest)} is {len(longest)} characters "
+                              f"long; pieces longer than {MAX_PIECE_CHARS} are refused")
     vocab = {token: index for index, token in enumerate(tokens)}
     merges = []
     for token, score in zip(tokens, scores, strict=True):
@@ -130,6 +137,10 @@ def build_tokenizer(meta: dict[str, Any], source: str) -> dict[str, str]:
 
     ids = {key: meta[f"tokenizer.ggml.{field}"] for key, field in SPECIAL_TOKEN_KEYS.items()
            if f"tokenizer.ggml.{field}" in meta}
+    for key, index in ids.items():
+        if not isinstance(index, int) or not 0 <= index < len(tokens):
+            raise ConversionError(f"{source}: tokenizer.ggml.{SPECIAL_TOKEN_KEYS[key]} {index!r} is outside the "
+                                  f"vocabulary of {len(tokens)} tokens")
     special = {key: tokens[index] for key, index in ids.items()}
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model in ADD_BOS_BY_DEFAULT))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token"))

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ladder.config import shown
+
 from .hf import read_json
 from .source import ConversionError, Source, half_rotary_order
 
@@ -92,7 +94,10 @@ class MetaSource(Source):
         self.layout = self._tensor_layout(first_keys)
         shapes = {hf: self._joined_shape(meta, dim) for hf, (meta, dim) in self.layout.items()}
         embed, gate = shapes["model.embed_tokens.weight"], shapes["model.layers.0.mlp.gate_proj.weight"]
-        vocab = int(params.get("vocab_size", -1))
+        vocab = params.get("vocab_size", -1)
+        if not isinstance(vocab, int) or isinstance(vocab, bool):
+            raise ConversionError(f"{params_file}: vocab_size must be an integer (-1: the embedding's rows), "
+                                  f"got {shown(vocab)}")
         config = {
             "model_type": "llama",
             "hidden_size": self.hidden,

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ladder import comm
-from ladder.config import LadderConfig, Schedule, dtype_name
+from ladder.config import LadderConfig, Schedule, dtype_name, shown
 from ladder.model import LadderForCausalLM
 from ladder.outputs import read_side_files
 from ladder.sharding import ShardPlan
@@ -30,6 +30,7 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 FINGERPRINT_WHOLE_BYTES = 64 * 2**20
 FINGERPRINT_SAMPLES = 256  # per file
 FINGERPRINT_SAMPLE_BYTES = 64 * 2**10
+FINITE_CHECK_ELEMENTS = 2**20
 
 
 class CheckpointError(ValueError):
@@ -47,8 +48,11 @@ def weight_map(path: str | Path) -> dict[str, Path]:
     if index.exists():
         try:
             mapping = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({exc})") from None
+        if not isinstance(mapping, dict) or not all(isinstance(f, str) for f in mapping.values()):
+            raise CheckpointError(f"{index}: weight_map must map each tensor name to a file name, got "
+                                  f"{shown(mapping)}")
         files = {name: path / file for name, file in mapping.items()}
         missing = sorted({str(f) for f in files.values() if not f.exists()})
         if missing:
@@ -97,6 +101,30 @@ def full_shapes(config: LadderConfig) -> dict[str, tuple[int, ...]]:
     return ShardPlan(config).full_shapes()
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Checked a slab of rows at a time: `isfinite` on a whole embedding would allocate temporaries
+    larger than the tensor itself (it takes the absolute values first)."""
+    if tensor.dim() == 0:
+        return bool(torch.isfinite(tensor))
+    rows = max(1, FINITE_CHECK_ELEMENTS // max(1, tensor[0].numel()))
+    return all(bool(torch.isfinite(slab).all()) for slab in tensor.split(rows))
+
+
+def non_finite(stored: torch.Tensor, cast: torch.Tensor) -> str | None:
+    """Why `cast` (`stored` in the dtype it is used in) is not all finite, None when it is.
+
+    NaN or infinite weights would run and generate garbage without a word; so would a cast to a
+    narrower dtype that turns large weights into infinities. One pass over the cast tensor, and a
+    second over the stored one only to say which of the two it was.
+    """
+    if all_finite(cast):
+        return None
+    if not all_finite(stored):
+        return f"holds {int((~torch.isfinite(stored)).sum())} NaN or infinite value(s)"
+    return (f"has values as large as {float(stored.abs().max()):.4g}, which overflow {dtype_name(cast.dtype)} "
+            "(choose a wider --dtype)")
+
+
 def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
                strides: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """This rank's part of every tensor in `plan`, read lazily and checked against the config.
@@ -137,6 +165,8 @@ def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
                 else:
                     view = lazy[:, part.start:part.stop]
                 shard[name] = torch.empty_strided(view.shape, strides[name], dtype=dtype).copy_(view)
+                if problem := non_finite(view, shard[name]):
+                    raise CheckpointError(f"{file}: tensor {name} {problem}")
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
     return shard

@@ -9,6 +9,7 @@ identically, so every rank picks the same token, and TP=N picks what TP=1 picks 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +32,10 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise ValueError(f"top_k must be >= 1 (leave it unset for no top-k filter), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -132,7 +133,11 @@ def generate(model: LadderForCausalLM, prompts: Sequence[Sequence[int]], max_new
     bad = [t for p in prompts for t in p if not 0 <= t < config.vocab_size]
     if bad:
         raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {config.vocab_size}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     batch, longest = len(prompts), max(len(p) for p in prompts)
+    if max_new_tokens == 0:
+        return Generation([[] for _ in prompts], sum(map(len, prompts)), 0.0, 0.0, 0, [False] * batch)
     length = max_seq_len or min(longest + max_new_tokens, config.max_position_embeddings)
     if longest + max(max_new_tokens - 1, 0) > length:
         raise CacheError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit the "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="Ladder or Hugging Face Llama checkpoint directory")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=at_least(0), default=64, help="0 generates nothing")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -42,14 +44,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of every command that starts ranks: placement, transport and timeout."""
     parser.add_argument("--pin", action="store_true", help="pin each rank to its own cores")
-    parser.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks)")
+    parser.add_argument("--threads", type=at_least(1), help="torch threads per rank (default: cores / ranks)")
     parser.add_argument("--comm", choices=comm.TRANSPORTS, default=None,
                         help="how ranks exchange data: shared memory within a host, gloo, or auto (default: "
                         f"${comm.TRANSPORT_ENV}, else auto)")
     parser.add_argument("--link", help="put the collectives behind an emulated interconnect, e.g. "
                         f"latency=200us,bandwidth=10gbit (default: ${comm.LINK_ENV})")
-    parser.add_argument("--timeout", type=float, default=comm.DEFAULT_TIMEOUT_S,
+    parser.add_argument("--timeout", type=positive_seconds, default=comm.DEFAULT_TIMEOUT_S,
                         help="seconds before a dead or missing rank makes the others fail")
+
+
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `least`, refused by argparse with the flag's name otherwise."""
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+        return value
+    integer.__name__ = "integer"  # argparse names the type in "invalid integer value: 'x'"
+    return integer
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
 
 
 def placement_from_args(args: argparse.Namespace) -> Placement:
@@ -57,21 +77,28 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Everything that can be refused is, before any rank starts: the config, the TP size, the
+    sampling settings, the tokenizer and chat template; the ranks get the prompts as token ids."""
     config = load_config(args.checkpoint)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     if not under_torchrun():
         ShardPlan(config, 0, args.tp)  # refuse an impossible TP size before any rank starts
     if args.json_out:
         refuse_overlaps(args.json_out, [args.checkpoint], "--json-out")
-    run_ranks(generate_on_rank, args.tp, args, placement=placement_from_args(args), timeout_s=args.timeout)
-    return 0
-
-
-def generate_on_rank(args: argparse.Namespace) -> None:
-    leader = comm.tp_rank() == 0
     tokenizer = Tokenizer(args.checkpoint)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
              for p in args.prompt]
     prompts = [tokenizer.encode(t) for t in texts]
+    if not all(prompts):
+        raise ValueError("--prompt: every prompt needs at least one token")
+    run_ranks(generate_on_rank, args.tp, args, prompts, sampling, placement=placement_from_args(args),
+              timeout_s=args.timeout)
+    return 0
+
+
+def generate_on_rank(args: argparse.Namespace, prompts: list[list[int]], sampling: Sampling) -> None:
+    leader = comm.tp_rank() == 0
+    tokenizer = Tokenizer(args.checkpoint)
     schedules = None if args.schedule is None else [args.schedule] * load_config(args.checkpoint).num_hidden_layers
     model = from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], schedules=schedules)
     stops = set(model.config.eos_token_ids)
@@ -84,7 +111,7 @@ def generate_on_rank(args: argparse.Namespace) -> None:
             print(stream.push(int(tokens[0])), end="", flush=True)
 
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens,
-                      sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
+                      sampling=sampling,
                       stop_tokens=sorted(stops), on_tokens=show)
     if not leader:
         return

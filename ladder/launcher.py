@@ -28,10 +28,21 @@ from ladder import comm
 from ladder.outputs import LAUNCHER_PID_ENV
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+FAILURE_GRACE_S = 5.0  # how long the other ranks have to stop on their own after one fails
 
 
 class LaunchError(RuntimeError):
-    """One or more ranks of a launched job failed; the message has each failing rank's error."""
+    """One or more ranks of a launched job failed; the message has each failing rank's error.
+
+    `cause` is the exception that started it, when a rank could send it: the first failure that is
+    not a rank noticing another's (`CommunicationError`), so a command can report the real problem.
+    """
+
+    def __init__(self, message: str, errors: dict[int, BaseException] | None = None) -> None:
+        super().__init__(message)
+        errors = errors or {}
+        own = [e for e in errors.values() if not isinstance(e, comm.CommunicationError)]
+        self.cause: BaseException | None = (own or list(errors.values()) or [None])[0]
 
 
 @dataclass(frozen=True)
@@ -147,11 +158,20 @@ def _rank_main(fn: Callable[..., Any], rank: int, world: int, port: int, placeme
         placement.join(rank, world, timeout_s, loopback=True)
         # Plain pickle sends tensors by value: a shared-memory handle would die with this process.
         result.send((True, pickle.dumps(fn(*args, **kwargs))))
-    except BaseException:
-        result.send((False, traceback.format_exc()))
+    except BaseException as exc:
+        result.send((False, (traceback.format_exc(), _sendable(exc))))
         comm.shutdown(failing=True)
         raise SystemExit(1) from None
     comm.shutdown()
+
+
+def _sendable(exc: BaseException) -> BaseException | None:
+    """`exc` if it survives pickling (most exceptions do; one holding an open file does not)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return None
+    return exc
 
 
 def _collect(procs: list[Any], readers: list[Connection], grace: float) -> dict[int, tuple[bool, Any]]:
@@ -182,8 +202,8 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
            timeout_s: float = comm.DEFAULT_TIMEOUT_S, **kwargs: Any) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world` spawned local gloo ranks and return each rank's result.
 
-    `fn` must be importable (a module-level function). If a rank fails, the others get
-    `timeout_s` (plus a margin) to notice on their own before they are killed, and `LaunchError`
+    `fn` must be importable (a module-level function). If a rank fails, the others get a few
+    seconds (at most `timeout_s`) to notice on their own before they are killed, and `LaunchError`
     reports every rank's failure. Each rank reports through a pipe of its own (no named semaphores
     that a killed job could leave behind). Ranks ignore Ctrl-C: the launcher gets it, kills every rank
     and re-raises, as it does with any exception; if the launcher itself is killed, so are they.
@@ -199,8 +219,10 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
         procs[-1].start()
         writer.close()  # the rank holds the only write end: its death reads as end of file
         readers.append(reader)
+    # The survivors of a failure are blocked in collectives that started with the failing rank's,
+    # so they notice within about as long; a rank still running after that is hung and is killed.
     try:
-        outcomes = _collect(procs, readers, timeout_s + 10.0)
+        outcomes = _collect(procs, readers, min(timeout_s, FAILURE_GRACE_S))
     except BaseException:  # Ctrl-C, or SIGTERM turned into an exception: no rank outlives the launcher
         for p in procs:
             p.kill()
@@ -210,8 +232,10 @@ def launch(fn: Callable[..., Any], world: int, *args: Any, placement: Placement 
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
-    failures = {r: msg for r, (ok, msg) in sorted(outcomes.items()) if not ok}
+    failures = {r: msg if isinstance(msg, str) else msg[0] for r, (ok, msg) in sorted(outcomes.items()) if not ok}
     if failures:
         detail = "\n".join(f"--- rank {r} ---\n{msg}" for r, msg in failures.items())
-        raise LaunchError(f"{len(failures)} of {world} ranks failed:\n{detail}")
+        errors = {r: msg[1] for r, (ok, msg) in sorted(outcomes.items())
+                  if not ok and not isinstance(msg, str) and msg[1] is not None}
+        raise LaunchError(f"{len(failures)} of {world} ranks failed:\n{detail}", errors)
     return [pickle.loads(outcomes[r][1]) for r in range(world)]

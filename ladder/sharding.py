@@ -78,7 +78,9 @@ class ShardPlan:
 
     def __post_init__(self) -> None:
         heads = self.config.num_attention_heads
-        if not 1 <= self.world <= heads:
+        if self.world < 1:
+            raise ShardingError(f"tensor-parallel size must be at least 1, got {self.world}")
+        if self.world > heads:
             raise ShardingError(
                 f"tensor-parallel size {self.world} is larger than the model's {heads} attention heads; "
                 f"use at most {heads} ranks"

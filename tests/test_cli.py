@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import ladder
+from ladder.checkpoint import CheckpointError
+from ladder.cli import main
 from ladder.writer import CheckpointWriter
 
 VOCAB = 64
@@ -79,6 +84,90 @@ def test_generate_refuses_more_ranks_than_heads(checkpoint: Path) -> None:
                            "--tp", "7"], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "larger than the model's 6 attention heads" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`checkpoint` with one NaN in a weight that TP=2 gives to rank 1 only."""
+    path = tmp_path_factory.mktemp("nan") / "tiny"
+    weights = load_file(checkpoint / "model.safetensors")
+    weights[POISONED][-1, -1] = float("nan")
+    path.mkdir()
+    save_file(weights, path / "model.safetensors")
+    for side in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / side, path / side)
+    return path
+
+
+POISONED = "model.layers.1.mlp.up_proj.weight"
+
+
+def _assert_one_line(command: str, stdout: str, stderr: str, message: str) -> None:
+    """One line naming the problem, no traceback, nothing on stdout."""
+    assert stdout == "" and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ladder {command}: error: "), stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tp", "2", "--temperature", "nan"], r"temperature must be a finite number >= 0 \(0: greedy\), got nan"),
+    (["--tp", "2", "--top-k", "-1"], r"top_k must be >= 1"),
+    (["--tp", "0"], r"tensor-parallel size must be at least 1, got 0"),
+    (["--tp", "2", "--chat"], r"this tokenizer has no chat_template"),
+    (["--tp", "2", "--prompt", ""], r"every prompt needs at least one token"),
+])
+def test_generate_bad_input_is_one_line_before_any_rank_starts(checkpoint: Path, flags: list[str], message: str,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", str(checkpoint), "--prompt", "w1 w2", *flags]) == 2
+    _assert_one_line("generate", *capsys.readouterr(), message)
+
+
+def test_nan_weights_are_refused_naming_the_tensor_once_at_tp2(nan_checkpoint: Path) -> None:
+    """Only rank 1 reads the NaN; the job still ends with that one line, not one traceback per rank."""
+    done = subprocess.run([sys.executable, "-m", "ladder", "generate", str(nan_checkpoint), "--prompt", "w1 w2",
+                           "--tp", "2", "--timeout", "20"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr[-3000:]
+    _assert_one_line("generate", done.stdout, done.stderr,
+                     rf"model\.safetensors: tensor {POISONED} holds 1 NaN or infinite value\(s\)")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--timeout", "0"), ("--timeout", "nan"), ("--max-new-tokens", "-1"),
+                                             ("--threads", "0")])
+def test_bad_flag_values_are_refused_by_argparse(checkpoint: Path, flag: str, value: str,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", str(checkpoint), "--prompt", "w1", flag, value])
+    stderr = capsys.readouterr().err
+    assert refused.value.code == 2 and f"argument {flag}: must be" in stderr, stderr
+    assert "missing rank" not in stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [("--lr", "inf", r"--lr must be a finite number > 0, got inf"),
+                                                        ("--lora-alpha", "nan", r"--lora-alpha must be a finite number")])
+def test_finetune_bad_setting_is_one_line_and_leaves_no_run_record(checkpoint: Path, tmp_path: Path, flag: str,
+                                                                    value: str, message: str,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data.txt"
+    data.write_text("w1 w2 w3 " * 200)
+    out = tmp_path / "out"
+    command = ["finetune", str(checkpoint), "--data", str(data), "--out", str(out), "--lora-rank", "2"]
+    assert main([*command, flag, value]) == 2
+    _assert_one_line("finetune", *capsys.readouterr(), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]  # no OUT, no OUT.run to refuse a retry
+
+
+def test_float16_overflow_is_named(checkpoint: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["model.norm.weight"][0] = 1e6
+    big.mkdir()
+    save_file(weights, big / "model.safetensors")
+    shutil.copy(checkpoint / "config.json", big / "config.json")
+    with pytest.raises(CheckpointError, match=r"tensor model\.norm\.weight has values as large as 1e\+06, "
+                                              r"which overflow float16"):
+        ladder.from_pretrained(big, dtype=torch.float16)
+    assert ladder.from_pretrained(big, dtype=torch.float32).model.norm.weight[0] == 1e6
 
 
 def test_checkpoint_loads_same_logits_at_any_rank(checkpoint: Path) -> None:

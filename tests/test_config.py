@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,73 @@ def test_from_file_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text(json.dumps({**SMALL, "ladder_layers": 99}))
     with pytest.raises(ConfigError, match=r"bad\.json: ladder_layers 99 is outside"):
         LadderConfig.from_file(bad)
+
+
+# --- hostile configs: bounded work, strict types, finite values ----------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["0-1000000000", "5-1000000000000", ",".join(["0-7"] * 2_000)])
+def test_a_huge_layer_range_is_refused_at_once_in_little_memory(spec: str) -> None:
+    """A few bytes claiming a billion layers must not build a billion-element list or message."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        for build in (lambda: parse_layer_selection(spec, 8),
+                      lambda: LadderConfig.from_dict({**SMALL, "ladder_layers": spec}),
+                      lambda: LadderConfig(**SMALL).with_ladder_layers(spec)):
+            try:
+                selected = build()
+            except ConfigError as exc:
+                assert "['5-1000000000000'] are outside 0..7" in str(exc) or "['0-1000000000'] are outside 0..7" in str(exc)
+                assert len(str(exc)) < 300
+            else:  # 2,000 copies of one valid range select those 8 layers once
+                assert list(getattr(selected, "ladder_layers", selected)) == list(range(8))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 0.5
+    assert peak < 2**20 + 100 * len(spec)  # what parsing the spec itself needs, nothing per layer
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_hidden_layers": 10_000_000}, r"num_hidden_layers must be an integer in 1\.\.4096, got 10000000"),
+        ({"num_hidden_layers": 10**12, "ladder_layers": "all"}, r"num_hidden_layers must be an integer in 1\.\.4096"),
+        ({"vocab_size": 2**40}, r"vocab_size must be an integer in 1\.\.2147483647"),
+        ({"hidden_size": 64.0}, r"hidden_size must be an integer in 1\.\.\d+, got 64\.0"),
+        ({"num_attention_heads": True}, r"num_attention_heads must be an integer in 1\.\.\d+, got True"),
+        ({"tie_word_embeddings": "no"}, r"tie_word_embeddings must be true or false, got 'no'"),
+        ({"attention_bias": 0}, r"attention_bias must be true or false, got 0"),
+        ({"rope_theta": -1}, r"rope_theta must be a positive finite number, got -1"),
+        ({"rope_theta": "10000"}, r"rope_theta must be a positive finite number, got '10000'"),
+        ({"rope_theta": float("inf")}, r"rope_theta must be a positive finite number, got inf"),
+        ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be a number in \(0, 1\), got nan"),
+        ({"rms_norm_eps": 0}, r"rms_norm_eps must be a number in \(0, 1\)"),
+        ({"rope_scaling": "llama3"}, r"rope_scaling must be a mapping \(or null\), got 'llama3'"),
+        ({"rope_scaling": [1, 2]}, r"rope_scaling must be a mapping"),
+        ({"rope_scaling": {"rope_type": "llama3", **LLAMA3, "factor": float("nan")}},
+         r"rope_scaling factor must be a positive finite number, got nan"),
+        ({"rope_scaling": {"rope_type": "llama3", **LLAMA3, "high_freq_factor": 1.0}},
+         r"high_freq_factor > low_freq_factor"),
+        ({"eos_token_id": "2"}, r"eos_token_id must be a token id or a list of them, got '2'"),
+        ({"eos_token_id": [1, 100]}, r"eos_token_id \[100\] is outside the vocabulary of 100"),
+        ({"bos_token_id": 1.5}, r"bos_token_id must be an integer token id, got 1\.5"),
+        ({"ladder_layers": {"0": 1}}, r"ladder_layers must be an integer or a list of layer indices"),
+        ({"ladder_layers": [0, "x"]}, r"layer indices \['x'\] are outside 0\.\.7"),
+        ({"residual_schedules": "ladder"}, r"residual_schedules must list one schedule for each of 8 layers"),
+        ({"hidden_act": "x" * 10_000}, r"hidden_act 'xxxx.*\.\.\. \(10002 characters\) is not supported"),
+    ],
+)
+def test_hostile_config_fields_are_refused_by_name(fields: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
+        LadderConfig.from_dict({**SMALL, **fields}, source="config.json")
+    assert str(refused.value).startswith("config.json: ") and len(str(refused.value)) < 300
+
+
+def test_strict_booleans_keep_the_real_head() -> None:
+    """`"tie_word_embeddings": "no"` once read as true and silently dropped the stored LM head."""
+    assert LadderConfig.from_dict({**SMALL, "tie_word_embeddings": False}).tie_word_embeddings is False
+    assert LadderConfig.from_dict({**SMALL, "tie_word_embeddings": True}).tie_word_embeddings is True
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        LadderConfig(**SMALL, tie_word_embeddings="no")  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ import errno
 import json
 import shutil
 import subprocess
+import time
 
 import gguf
 import numpy as np
@@ -20,6 +21,7 @@ from conversion_sources import (
     rewrite_weights,
     write_gguf,
     write_hf,
+    write_meta,
 )
 
 from ladder.checkpoint import from_pretrained
@@ -56,6 +58,21 @@ BAD_HF = {
                     r"config\.json: model_type 'gpt2' is not a Llama model"),
     "unknown ladder layers": (lambda src: rewrite_config(src, ladder_layers=[0, 7]), ConfigError,
                               r"layer indices \[7\] are outside 0\.\.2"),
+    "billion-layer range": (lambda src: rewrite_config(src, ladder_layers="0-1000000000"), ConfigError,
+                            r"layer indices \['0-1000000000'\] are outside 0\.\.2"),
+    "ten million layers": (lambda src: rewrite_config(src, num_hidden_layers=10_000_000), ConfigError,
+                           r"num_hidden_layers must be an integer in 1\.\.4096, got 10000000"),
+    "boolean spelled as a string": (lambda src: rewrite_config(src, tie_word_embeddings="no"), ConfigError,
+                                    r"config\.json: tie_word_embeddings must be true or false, got 'no'"),
+    "rope_scaling not a mapping": (lambda src: rewrite_config(src, rope_scaling="llama3"), ConfigError,
+                                   r"config\.json: rope_scaling must be a mapping \(or null\), got 'llama3'"),
+    "weight_map not a mapping": (lambda src: (src / "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
+                                 ConversionError, r"index\.json: weight_map must map each tensor name to a file "
+                                                  r"name, got \[1\]"),
+    "NaN weights": (lambda src: rewrite_weights(src, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__(
+                        (3, 5), float("nan"))),
+                    ConversionError, r"model\.safetensors: tensor model\.layers\.1\.mlp\.up_proj\.weight holds 1 "
+                                     r"NaN or infinite value\(s\)"),
 }
 
 
@@ -109,6 +126,49 @@ def test_bad_gguf_input(llama, tmp_path):
     write_gguf(llama, tmp_path / "pre.gguf", pre="mystery-bpe")
     with pytest.raises(ConversionError, match=r"tokenizer\.ggml\.pre 'mystery-bpe' is not a pre-tokenizer"):
         convert(tmp_path / "pre.gguf", dst)
+    assert_nothing_written(dst)
+
+
+def test_meta_vocab_size_that_is_not_a_number(llama, tmp_path):
+    src = write_meta(llama, tmp_path / "meta", shards=1)
+    params = json.loads((src / "params.json").read_text())
+    (src / "params.json").write_text(json.dumps({**params, "vocab_size": "lots"}))
+    with pytest.raises(ConversionError, match=r"params\.json: vocab_size must be an integer .*got 'lots'"):
+        convert(src, tmp_path / "dst")
+    assert_nothing_written(tmp_path / "dst")
+
+
+def _patched_u32(data: bytes, key: bytes, value: int) -> bytes:
+    """`data` (a GGUF file) with the uint32 metadata value of `key` replaced."""
+    at = data.index(key) + len(key)
+    assert int.from_bytes(data[at:at + 4], "little") == gguf.GGUFValueType.UINT32
+    return data[:at + 4] + value.to_bytes(4, "little") + data[at + 8:]
+
+
+def test_gguf_claims_beyond_the_file_are_refused_at_once(llama, tmp_path):
+    """Counts and lengths in a GGUF header are checked against the file's size before the reader
+    trusts them (an array claiming 10**12 elements kept the gguf reader looping without end)."""
+    dst = tmp_path / "dst"
+    good = write_gguf(llama, tmp_path / "good.gguf").read_bytes()
+    eos = tmp_path / "eos.gguf"
+    eos.write_bytes(_patched_u32(good, b"tokenizer.ggml.eos_token_id", 10**6))
+    with pytest.raises(ConfigError, match=r"eos\.gguf: eos_token_id \[1000000\] is outside the vocabulary"):
+        convert(eos, dst)
+    header = b"GGUF" + (3).to_bytes(4, "little")
+    claims = {
+        "a billion tensors": header + (10**9).to_bytes(8, "little") + bytes(8),
+        "a billion metadata entries": header + bytes(8) + (10**9).to_bytes(8, "little"),
+        "an array of 10**12 bytes": header + bytes(8) + (1).to_bytes(8, "little") + (1).to_bytes(8, "little") + b"a"
+        + (9).to_bytes(4, "little") + bytes(4) + (10**12).to_bytes(8, "little"),
+    }
+    for name, data in claims.items():
+        path = tmp_path / "claims.gguf"
+        path.write_bytes(data + bytes(64))
+        started = time.perf_counter()
+        with pytest.raises(ConversionError, match=r"claims\.gguf: .* claims \d+ bytes at offset \d+, but only "
+                                                  r"\d+ are left in the file"):
+            convert(path, dst)
+        assert time.perf_counter() - started < 1, name
     assert_nothing_written(dst)
 
 

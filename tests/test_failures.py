@@ -63,8 +63,10 @@ def test_as_many_ranks_as_heads_is_fine(make_tiny_config: Callable) -> None:
 # --- a rank that dies or hangs mid-decode --------------------------------------------------------------
 
 
-def decode_with_a_failing_rank(config: LadderConfig, weights: dict, victim: int, how: str) -> int:
-    """Decode until step 3, when `victim` is SIGKILLed or stops answering for twice the timeout.
+def decode_with_a_failing_rank(config: LadderConfig, weights: dict, victim: int, how: str,
+                               hang_mark: str | None = None) -> int:
+    """Decode until step 3, when `victim` is SIGKILLed or stops answering for twice the timeout
+    ("hang") or for good ("hang-forever", first writing the monotonic time it hung at to `hang_mark`).
 
     A surviving rank re-raises the error it got, adding how long after its last good step it noticed.
     """
@@ -78,6 +80,9 @@ def decode_with_a_failing_rank(config: LadderConfig, weights: dict, victim: int,
         if comm.tp_rank() == victim and state["steps"] == 3:
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if how == "hang-forever":
+                Path(hang_mark).write_text(str(time.monotonic()))
+                time.sleep(600)
             time.sleep(2 * TIMEOUT_S)
 
     try:
@@ -133,6 +138,19 @@ def test_hung_rank_makes_the_others_fail_at_the_timeout(small_model: tuple, tran
     messages = _rank_messages(failure.value)
     _assert_noticed_it(messages[0], 0)
     assert float(re.findall(r"noticed ([\d.]+)s", messages[0])[-1]) > TIMEOUT_S / 2  # it did wait for it
+
+
+def test_a_rank_hung_for_good_ends_the_job_within_the_timeout(small_model: tuple, tmp_path: Path) -> None:
+    """The launcher kills the hung rank soon after its peer gives up (it once waited the timeout
+    again plus ten seconds)."""
+    hang_mark = tmp_path / "hung-at"
+    with pytest.raises(LaunchError) as failure:
+        launch(decode_with_a_failing_rank, 2, *small_model, 1, "hang-forever", str(hang_mark), timeout_s=TIMEOUT_S)
+    ended_after = time.monotonic() - float(hang_mark.read_text())
+    messages = _rank_messages(failure.value)
+    _assert_noticed_it(messages[0], 0)
+    assert "rank 1 was killed" in messages[1]
+    assert ended_after < TIMEOUT_S + launcher.FAILURE_GRACE_S + NOTICE_MARGIN_S, ended_after
 
 
 # --- a rank that never arrives -------------------------------------------------------------------------

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
 from ladder import (
     LadderConfig,
@@ -17,6 +22,8 @@ from ladder import (
     random_full_state_dict,
 )
 from ladder.generate import choose_next
+from ladder.tokenizer import TEMPLATE_SECONDS
+from ladder.tokenizer import Tokenizer as LadderTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -126,10 +133,22 @@ def test_max_new_tokens_one_is_just_the_prefill_token(models: dict) -> None:
     assert len(result.tokens[0]) == 1 and result.decode_steps == 0
 
 
+def test_max_new_tokens_zero_generates_nothing(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zero means zero (it once produced the prefill's token); the model is not even run."""
+    model = models["hybrid"]
+    monkeypatch.setattr(model, "forward", lambda *args, **kwargs: pytest.fail("the model ran"))
+    result = generate(model, [[5, 6, 7], [8]], max_new_tokens=0)
+    assert result.tokens == [[], []] and result.decode_steps == 0 and result.prompt_tokens == 4
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+        generate(model, [[5, 6, 7]], max_new_tokens=-1)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [(dict(temperature=-0.5), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
-     (dict(top_p=1.5), "top_p")],
+     (dict(top_p=1.5), "top_p"), (dict(temperature=float("nan")), "temperature must be a finite number"),
+     (dict(temperature=float("inf")), "temperature must be a finite number"), (dict(top_k=-3), "top_k"),
+     (dict(top_p=float("nan")), "top_p")],
 )
 def test_sampling_parameters_are_validated(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -194,3 +213,40 @@ def test_filtering_matches_transformers(sampling: Sampling, make_tiny_config: Ca
     assert set(torch.nonzero(counts).flatten().tolist()) <= allowed
     assert {t for t in allowed if expected[t] > 0.005} <= set(chosen.tolist())
     torch.testing.assert_close(counts, expected.double(), atol=0.03, rtol=0)
+
+
+# --- chat templates found in a checkpoint render under time and size limits --------------------------
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "takes longer than 2 s"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}many words{% endfor %}{% endfor %}",
+     "renders more than 4194304 characters"),
+    ("{{ 'x' * 10**10 }}", "'\\*' would make a value beyond the template's limits"),
+    ("{{ 7 ** 100000000 }}", "'\\*\\*' would make a value"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+     "'\\+' would make a value"),
+])
+def test_hostile_chat_templates_are_refused_within_their_limits(tmp_path: Path, template: str, message: str) -> None:
+    Tokenizer(WordLevel({"a": 0}, unk_token="a")).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=f"the chat template cannot be rendered: .*{message}"):
+        LadderTokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - started < TEMPLATE_SECONDS + 2
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
+    assert LadderTokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
+
+
+def test_malformed_tokenizer_files_are_named(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{not a tokenizer")
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a tokenizer the tokenizers library reads"):
+        LadderTokenizer(tmp_path)
+    Tokenizer(WordLevel({"a": 0}, unk_token="a")).save(str(tmp_path / "tokenizer.json"))
+    for config, message in (("[1, 2]", "expected a JSON object"), ('{"chat_template": 5}', "chat_template must be a template string")):
+        (tmp_path / "tokenizer_config.json").write_text(config)
+        with pytest.raises(ValueError, match=rf"tokenizer_config\.json: {message}"):
+            LadderTokenizer(tmp_path)
+    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ messages[0].content }}"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert LadderTokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"

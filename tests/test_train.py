@@ -214,6 +214,30 @@ def test_existing_output_and_changed_resume_are_refused(checkpoint: Path, tmp_pa
 
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lr", float("inf"), r"--lr must be a finite number > 0, got inf"),
+    ("lr", float("nan"), r"--lr must be a finite number > 0, got nan"),
+    ("lr", 0.0, r"--lr must be a finite number > 0, got 0\.0"),
+    ("epochs", float("inf"), r"--epochs must be a finite number > 0, got inf"),
+    ("lora_alpha", float("nan"), r"--lora-alpha must be a finite number > 0, got nan"),
+    ("max_grad_norm", -1.0, r"--max-grad-norm must be a finite number >= 0 \(0: no clipping\), got -1\.0"),
+    ("min_lr_ratio", -0.1, r"--min-lr-ratio must be a finite number in \[0, 1\], got -0\.1"),
+    ("weight_decay", -0.01, r"--weight-decay must be a finite number >= 0, got -0\.01"),
+    ("lora_dropout", float("nan"), r"--lora-dropout must be a finite number in \[0, 1\), got nan"),
+    ("timeout", 0.0, r"--timeout must be a finite number > 0 \(seconds\), got 0\.0"),
+    ("warmup_steps", -1, r"--warmup-steps must be an integer >= 0, got -1"),
+    ("checkpoint_every", -5, r"--checkpoint-every must be an integer >= 0, got -5"),
+    ("steps", 0, r"--steps must be an integer >= 1, got 0"),
+    ("seq_len", 2.5, r"--seq-len must be an integer >= 1, got 2\.5"),
+])
+def test_bad_settings_are_refused_before_a_run_record_exists(tmp_path: Path, field: str, value: object,
+                                                             message: str) -> None:
+    """Checked when the settings are made, so a refused run leaves no run.json to refuse the retry."""
+    with pytest.raises(FinetuneError, match=message):
+        Settings(tmp_path / "ckpt", [tmp_path / "data.txt"], tmp_path / "out", **{field: value})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bfloat16_autocast_tracks_float32_and_keeps_float32_weights() -> None:
     config = LadderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ladder.finetune.run import finetune
-from ladder.finetune.settings import FinetuneError, add_arguments, settings_from_args
+from ladder.finetune.settings import add_arguments, settings_from_args
 
 HELP = "fine-tune a Ladder checkpoint (full or LoRA) under TP x DP ranks"
 
@@ -13,10 +13,7 @@ __all__ = ["HELP", "add_arguments", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = finetune(settings_from_args(args))
-    except FinetuneError as exc:
-        raise SystemExit(f"ladder finetune: error: {exc}") from None
+    summary = finetune(settings_from_args(args))  # a FinetuneError is printed by `ladder` as one line
     if summary is None:
         return 0
     if summary["val_loss"] is not None:

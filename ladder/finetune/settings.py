@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ladder.checkpoint import content_fingerprint
 from ladder.comm import DEFAULT_TIMEOUT_S, TRANSPORTS
+from ladder.config import is_integer, is_real, shown
 from ladder.data import fingerprint
 from ladder.lora import PROJECTIONS, LoRAConfig
 
@@ -26,6 +27,27 @@ CONTENT = "checkpoint_content"  # the identity's fingerprint of the base checkpo
 
 class FinetuneError(ValueError):
     """A fine-tuning run that cannot start (or resume); nothing has been written when it is raised."""
+
+
+# The least value of each integer setting, and the rule each real-valued one must meet.
+INTEGER_SETTINGS = {"seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "warmup_steps": 0, "seed": 0,
+                    "lora_rank": 0, "tp": 1, "dp": 1, "eval_every": 0, "checkpoint_every": 0, "threads": 1}
+REAL_SETTINGS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "epochs": ("> 0", lambda v: v > 0),
+    "lr": ("> 0", lambda v: v > 0),
+    "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "max_grad_norm": (">= 0 (0: no clipping)", lambda v: v >= 0),
+    "val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "lora_alpha": ("> 0", lambda v: v > 0),
+    "lora_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "timeout": ("> 0 (seconds)", lambda v: v > 0),
+}
+OPTIONAL_SETTINGS = ("steps", "threads", "max_grad_norm")  # None: chosen by the run
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def setting(default: Any, help: str, **flag: Any) -> Any:
@@ -87,22 +109,22 @@ class Settings:
         self.data = [Path(p) for p in ([self.data] if isinstance(self.data, (str, Path)) else self.data)]
         self.run_dir = Path(self.run_dir) if self.run_dir else self.out.with_name(self.out.name + ".run")
         self.lora_targets = tuple(self.lora_targets)
-        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
-            raise FinetuneError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        self.validate()
         self.max_grad_norm = self.max_grad_norm or None
-        positive = {"seq_len": self.seq_len, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "tp": self.tp, "dp": self.dp}
-        for name, value in positive.items():
-            if value < 1:
-                raise FinetuneError(f"{name} must be >= 1, got {value}")
-        if self.steps is not None and self.steps < 1:
-            raise FinetuneError(f"steps must be >= 1, got {self.steps}")
-        if not (self.epochs > 0 and self.lr > 0 and self.warmup_steps >= 0):
-            raise FinetuneError("epochs and lr must be positive and warmup_steps non-negative")
-        if not (math.isfinite(self.epochs) and math.isfinite(self.lr)):
-            raise FinetuneError("epochs and lr must be finite")
+
+    def validate(self) -> None:
+        """Refuse any setting out of its range, before a run directory exists (so a corrected retry
+        starts clean): a NaN or infinite rate, a negative decay or clip norm would train garbage."""
+        for name, least in INTEGER_SETTINGS.items():
+            value = getattr(self, name)
+            if not (value is None and name in OPTIONAL_SETTINGS) and not (is_integer(value) and value >= least):
+                raise FinetuneError(f"{_flag(name)} must be an integer >= {least}, got {shown(value)}")
+        for name, (rule, holds) in REAL_SETTINGS.items():
+            value = getattr(self, name)
+            if not (value is None and name in OPTIONAL_SETTINGS) and not (is_real(value) and holds(value)):
+                raise FinetuneError(f"{_flag(name)} must be a finite number {rule}, got {shown(value)}")
         if self.dtype not in COMPUTE_DTYPES:
-            raise FinetuneError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+            raise FinetuneError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {shown(self.dtype)}")
         if self.lora_rank:
             try:
                 LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
@@ -142,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if options.pop("positional", False):
             parser.add_argument(f.name, type=Path, help=options["help"])
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         if kind is bool:
             if f.default:  # on by default: the flag turns it off
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
