@@ -61,6 +61,11 @@ class Settings:
     lora_dropout: float = setting(0.0, "dropout on the adapters' input")
     lora_targets: tuple[str, ...] = setting(PROJECTIONS, "comma-separated projections to adapt")
     only_ladder_layers: bool = setting(False, "train only the ladder layers")
+    distill: bool = setting(False, "learn the next-token distributions of the same weights under the standard "
+                            "schedule (a frozen teacher computed on the fly) instead of only the text's tokens")
+    distill_temperature: float = setting(1.0, "softmax temperature of both distributions in the distillation")
+    distill_weight: float = setting(1.0, "with --distill: the distillation's share of the loss, the rest being "
+                                    "the language-model loss")
     tp: int = setting(1, "tensor-parallel ranks per replica")
     dp: int = setting(1, "data-parallel replicas (ignored under torchrun)")
     eval_every: int = setting(0, "validation every N steps (0: at the end only)")
@@ -101,6 +106,9 @@ class Settings:
             raise FinetuneError("epochs and lr must be finite")
         if self.dtype not in COMPUTE_DTYPES:
             raise FinetuneError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if not (0 < self.distill_temperature < math.inf and 0 <= self.distill_weight <= 1):
+            raise FinetuneError(f"distill_temperature must be positive and finite and distill_weight in [0, 1], "
+                                f"got {self.distill_temperature} and {self.distill_weight}")
         if self.lora_rank:
             try:
                 LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
