@@ -2,7 +2,9 @@
 
 Each rank holds rows `plan.vocab` of the embedding (and of the LM head), so neither the table nor
 the logits are ever whole on one rank: the embedding sums every rank's rows with one all-reduce,
-and the loss needs only three reductions of one number per token (max, sum of exp, target logit).
+the cross-entropy needs only three reductions of one number per token (max, sum of exp, target
+logit), and the distillation KL four (the same max and sum of exp for each of the two models, and
+the teacher-weighted logit difference).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class VocabParallelEmbedding(nn.Embedding):
         return comm.reduce_from_parallel_start(rows).wait()
 
 
+def _parallel_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits - max, this slice of the softmax, log of the sum of exp) over the vocabulary split
+    across the tensor-parallel group: one max and one sum reduced per token."""
+    peak = comm.all_reduce(logits.amax(dim=-1), op="max")
+    shifted = logits - peak.unsqueeze(-1)
+    exp = shifted.exp()
+    total = comm.all_reduce(exp.sum(dim=-1))
+    return shifted, exp.div_(total.unsqueeze(-1)), total.log()
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy over logits split by vocabulary: max, sum of exp and target logit reduced."""
 
@@ -49,13 +61,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local = targets - first
         inside = (local >= 0) & (local < logits.shape[-1])
         local = local.masked_fill(~inside, 0)
-        peak = comm.all_reduce(logits.amax(dim=-1), op="max")
-        shifted = logits - peak.unsqueeze(-1)
+        shifted, probs, log_total = _parallel_softmax(logits)
         target = comm.all_reduce(shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0))
-        exp = shifted.exp_()
-        total = comm.all_reduce(exp.sum(dim=-1))
-        ctx.save_for_backward(exp.div_(total.unsqueeze(-1)), local, inside)
-        return total.log() - target
+        ctx.save_for_backward(probs, local, inside)
+        return log_total - target
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -68,3 +77,34 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, first: int) -> torch.Tensor:
     """Per-token losses from this rank's vocabulary slice `[first, first + V_local)` of the logits."""
     return _VocabParallelCrossEntropy.apply(local_logits.float(), targets, first)
+
+
+class _VocabParallelKLDivergence(torch.autograd.Function):
+    """Per-token KL(teacher || student) of the temperature-`t` softmaxes, over logits split by vocabulary.
+
+    KL = sum_v p_T (log p_T - log p_S) = sum_v p_T (t_v - s_v) - (log Z_T - log Z_S), with t, s the
+    max-shifted logits: a sum over the vocabulary reduces like the softmax's, one number per token.
+    Scaled by t^2, as Hinton et al. do, so that the gradient's size does not depend on t.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        shifted_s, probs_s, log_total_s = _parallel_softmax(student / temperature)
+        shifted_t, probs_t, log_total_t = _parallel_softmax(teacher / temperature)
+        cross = comm.all_reduce((probs_t * (shifted_t - shifted_s)).sum(dim=-1))
+        ctx.temperature = temperature
+        ctx.save_for_backward(probs_s.sub_(probs_t))
+        return (cross - log_total_t + log_total_s) * temperature**2
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (difference,) = ctx.saved_tensors
+        # d (t^2 KL) / d student logit = t (p_S - p_T); the teacher is a constant.
+        return difference * (grad.unsqueeze(-1) * ctx.temperature), None, None
+
+
+def vocab_parallel_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                 temperature: float = 1.0) -> torch.Tensor:
+    """Per-token t^2 KL(teacher || student) from this rank's vocabulary slice of both models' logits;
+    the gradient flows to the student's logits only."""
+    return _VocabParallelKLDivergence.apply(student_logits.float(), teacher_logits.detach().float(), temperature)

@@ -28,8 +28,8 @@ TEXT = ("It was a bright cold day in April, and the clocks were striking thirtee
         "doors of Victory Mansions. ") * 40
 
 
-def tiny_checkpoint(path: Path, text: str = TEXT, **overrides: Any) -> Path:
-    """A random 4-layer Llama with a byte-level BPE tokenizer trained on `text`, in Ladder layout."""
+def tiny_checkpoint(path: Path, text: str = TEXT, std: float = 0.02, **overrides: Any) -> Path:
+    """A random 4-layer Llama (weights of scale `std`) with a byte-level BPE tokenizer trained on `text`."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -43,7 +43,7 @@ def tiny_checkpoint(path: Path, text: str = TEXT, **overrides: Any) -> Path:
     fields.update(overrides)
     config = LadderConfig(**fields)
     with CheckpointWriter(path) as writer:
-        for name, tensor in random_full_state_dict(config, seed=1).items():
+        for name, tensor in random_full_state_dict(config, seed=1, std=std).items():
             if not (config.tie_word_embeddings and name == "lm_head.weight"):
                 writer.add_tensor(name, tensor)
         writer.add_json("config.json", config.to_dict())
@@ -118,13 +118,21 @@ def finetune_command(checkpoint: Path, data: Path, out: Path, *extra: str) -> li
             "--eval-every", "10", "--no-progress", "--threads", "1", *extra]
 
 
-def test_kill_and_resume_repeats_the_uninterrupted_run(checkpoint: Path, tmp_path: Path) -> None:
+# LoRA with dropout (the RNG resumes), and full fine-tuning distilled from a teacher that must be the
+# original weights, not the ones the resumed run restores.
+RECIPES = {"lora": (), "distill": ("--lora-rank", "0", "--ladder-layers", "upper-half", "--distill",
+                                   "--distill-temperature", "2", "--distill-weight", "0.5")}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_kill_and_resume_repeats_the_uninterrupted_run(checkpoint: Path, tmp_path: Path, recipe: str) -> None:
     data = text_file(tmp_path / "text.txt")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    subprocess.run(finetune_command(checkpoint, data, whole), check=True, env=env, capture_output=True)
+    subprocess.run(finetune_command(checkpoint, data, whole, *RECIPES[recipe]), check=True, env=env,
+                   capture_output=True)
 
-    killed = subprocess.Popen(finetune_command(checkpoint, data, broken), env=env,
+    killed = subprocess.Popen(finetune_command(checkpoint, data, broken, *RECIPES[recipe]), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = broken.with_name("broken.run") / "checkpoints" / "step-00000005" / "state.json"
     deadline = time.monotonic() + 120
@@ -137,7 +145,7 @@ def test_kill_and_resume_repeats_the_uninterrupted_run(checkpoint: Path, tmp_pat
     interrupted_at = max(step for step, _ in train_losses(broken.with_name("broken.run")))
     assert 5 <= interrupted_at < 30
 
-    resumed = subprocess.run(finetune_command(checkpoint, data, broken, "--resume"), env=env,
+    resumed = subprocess.run(finetune_command(checkpoint, data, broken, *RECIPES[recipe], "--resume"), env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert records(broken.with_name("broken.run")) and train_losses(broken.with_name("broken.run")) == \

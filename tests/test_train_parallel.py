@@ -3,8 +3,9 @@
 One launch of 4 real gloo ranks laid out as 2 data-parallel replicas of TP=2 covers, in one go, the
 autograd-aware collectives (the ladder's asynchronous ones included), the vocabulary-parallel
 cross-entropy, the key/value rows that two ranks share (SmolLM2's 9 heads / 3 kv heads split in 2),
-row-parallel biases on rank 0 only, LoRA factors split with their projections, DDP's averaging
-across replicas with gradient accumulation, and gathering the shards for saving.
+row-parallel biases on rank 0 only, LoRA factors split with their projections, distillation from
+the standard schedule (the vocabulary-parallel KL, alone and mixed with the language-model loss),
+DDP's averaging across replicas with gradient accumulation, and gathering the shards for saving.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from ladder.lora import adapters, merge_adapters
 from ladder.sharding import join
 
 TP, DP = 2, 2
-VARIANTS = {  # name: (schedule per layer, LoRA rank)
-    "standard": ("standard", 0),
-    "ladder": ("ladder", 0),
-    "hybrid": ("hybrid", 0),
-    "hybrid-lora": ("hybrid", 4),
+VARIANTS = {  # name: (schedule per layer, LoRA rank, distillation's share of the loss: None for none)
+    "standard": ("standard", 0, None),
+    "ladder": ("ladder", 0, None),
+    "hybrid": ("hybrid", 0, None),
+    "hybrid-lora": ("hybrid", 4, None),
+    "hybrid-distill": ("hybrid", 0, 1.0),
+    "hybrid-lora-distill-mixed": ("hybrid", 4, 0.6),
 }
 
 
@@ -39,21 +42,24 @@ def variant_config(schedule: str):
     return config.with_schedules(layers)
 
 
-def settings_for(lora_rank: int) -> Settings:
+def settings_for(lora_rank: int, distill_weight: float | None) -> Settings:
     # Clipping at a norm the gradients exceed, so the whole-model norm decides the step.
+    distill = {} if distill_weight is None else {"distill": True, "distill_weight": distill_weight,
+                                                 "distill_temperature": 1.5}
     return Settings(Path("ckpt"), [], Path("out"), lr=1e-2, max_grad_norm=0.05, weight_decay=0.1,
-                    lora_rank=lora_rank, lora_alpha=8.0, batch_size=1, grad_accum=2, dp=DP, tp=TP)
+                    lora_rank=lora_rank, lora_alpha=8.0, batch_size=1, grad_accum=2, dp=DP, tp=TP, **distill)
 
 
 def batch() -> torch.Tensor:
     return torch.randint(0, 103, (4, 12), generator=torch.Generator().manual_seed(7))
 
 
-def build(schedule: str, lora_rank: int, rank: int | None = None, world: int | None = None):
+def build(schedule: str, lora_rank: int, distill_weight: float | None, rank: int | None = None,
+          world: int | None = None):
     config = variant_config(schedule)
     model = LadderForCausalLM(config, rank, world)
     model.load_full_state_dict(random_full_state_dict(config, seed=3, std=0.2))
-    settings = settings_for(lora_rank)
+    settings = settings_for(lora_rank, distill_weight)
     prepare_model(model, settings)
     shards = trainable_shards(model)
     with torch.no_grad():
@@ -105,9 +111,9 @@ def _train_step_on_rank() -> dict[str, Any] | None:
     replica = comm.data_parallel_rank()
     mine = inputs[2 * replica:2 * replica + 2]
     results = {}
-    for variant, (schedule, lora_rank) in VARIANTS.items():
+    for variant, (schedule, lora_rank, distill_weight) in VARIANTS.items():
         torch.manual_seed(0)
-        model, trainer = build(schedule, lora_rank)
+        model, trainer = build(schedule, lora_rank, distill_weight)
         micro = [(mine[i:i + 1, :-1], mine[i:i + 1, 1:]) for i in range(2)]
         loss = trainer.backward(micro)
         grads = whole_tensors(model, trainer, grads=True)
@@ -126,10 +132,10 @@ def _train_step_on_rank() -> dict[str, Any] | None:
     return results if comm.global_rank() == 0 else None
 
 
-def reference(schedule: str, lora_rank: int) -> dict[str, Any]:
+def reference(schedule: str, lora_rank: int, distill_weight: float | None) -> dict[str, Any]:
     """The same step at TP=1 on one replica holding the whole batch."""
     torch.manual_seed(0)
-    model, trainer = build(schedule, lora_rank, 0, 1)
+    model, trainer = build(schedule, lora_rank, distill_weight, 0, 1)
     inputs = batch()
     loss = trainer.backward([(inputs[:, :-1], inputs[:, 1:])])
     grads = {n: p.grad.clone() for n, p in zip(trainer.names, trainer.params, strict=True)}

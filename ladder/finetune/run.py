@@ -200,6 +200,7 @@ def train_on_rank(prepared: PreparedRun) -> dict[str, Any]:
     return {"steps": prepared.total_steps, "resumed_from_step": start, "train_seconds": train_seconds,
             "train_tokens": (prepared.total_steps - start) * tokens_per_step, "final_loss": result.get("loss"),
             "val_loss": val_loss, "val_ppl": None if val_loss is None else math.exp(val_loss),
+            "teacher_copied_bytes": 0 if trainer.teacher is None else trainer.teacher.copied_bytes,
             "out": str(settings.out)}
 
 

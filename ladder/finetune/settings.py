@@ -42,6 +42,8 @@ REAL_SETTINGS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "lora_alpha": ("> 0", lambda v: v > 0),
     "lora_dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
     "timeout": ("> 0 (seconds)", lambda v: v > 0),
+    "distill_temperature": ("> 0", lambda v: v > 0),
+    "distill_weight": ("in [0, 1]", lambda v: 0 <= v <= 1),
 }
 OPTIONAL_SETTINGS = ("steps", "threads", "max_grad_norm")  # None: chosen by the run
 
@@ -85,6 +87,11 @@ class Settings:
     lora_dropout: float = setting(0.0, "dropout on the adapters' input")
     lora_targets: tuple[str, ...] = setting(PROJECTIONS, "comma-separated projections to adapt")
     only_ladder_layers: bool = setting(False, "train only the ladder layers")
+    distill: bool = setting(False, "learn the next-token distributions of the same weights under the standard "
+                            "schedule (a frozen teacher computed on the fly) instead of only the text's tokens")
+    distill_temperature: float = setting(1.0, "softmax temperature of both distributions in the distillation")
+    distill_weight: float = setting(1.0, "with --distill: the distillation's share of the loss, the rest being "
+                                    "the language-model loss")
     tp: int = setting(1, "tensor-parallel ranks per replica")
     dp: int = setting(1, "data-parallel replicas (ignored under torchrun)")
     eval_every: int = setting(0, "validation every N steps (0: at the end only)")

@@ -21,11 +21,12 @@ from torch import nn
 
 from ladder import comm
 from ladder.data import PackedSequences
+from ladder.finetune.distill import Teacher
 from ladder.finetune.settings import FinetuneError, Settings
 from ladder.lora import LoRALinear, adapters, add_adapters
 from ladder.model import LadderForCausalLM
 from ladder.sharding import TensorShard
-from ladder.vocab import vocab_parallel_cross_entropy
+from ladder.vocab import vocab_parallel_cross_entropy, vocab_parallel_kl_divergence
 
 
 def trainable_shards(model: LadderForCausalLM) -> dict[str, TensorShard]:
@@ -115,11 +116,23 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(settings.warmup_steps, total_steps, settings.min_lr_ratio))
         self.autocast = settings.dtype == "bfloat16"
+        # Built from the weights as they are now, before training (or a resumed state) changes them.
+        self.teacher = Teacher(model) if settings.distill else None
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The language-model loss, or its mix with the distillation KL (`distill_weight` the KL's share)."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            teacher = None if self.teacher is None else self.teacher.logits(inputs)
             logits = self.network(inputs)
-        return vocab_parallel_cross_entropy(logits, targets, self.model.plan.vocab.start).mean()
+        distill_weight = 0.0 if teacher is None else self.settings.distill_weight
+        loss = torch.zeros(())
+        if distill_weight > 0:
+            kl = vocab_parallel_kl_divergence(logits, teacher, self.settings.distill_temperature)
+            loss = loss + distill_weight * kl.mean()
+        if distill_weight < 1:
+            lm = vocab_parallel_cross_entropy(logits, targets, self.model.plan.vocab.start)
+            loss = loss + (1 - distill_weight) * lm.mean()
+        return loss
 
     def backward(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Accumulate the gradients of the micro-batches' mean loss; returns that loss (all replicas)."""
