@@ -88,7 +88,7 @@ def test_distillation_with_a_weight_mixes_in_the_language_model_loss() -> None:
 @pytest.mark.parametrize(("field", "value"), [("distill_temperature", 0.0), ("distill_temperature", float("inf")),
                                               ("distill_weight", 1.5), ("distill_weight", -0.1)])
 def test_bad_distillation_settings_are_refused(field: str, value: float) -> None:
-    with pytest.raises(FinetuneError, match=field):
+    with pytest.raises(FinetuneError, match="--" + field.replace("_", "-")):
         Settings(Path("ckpt"), [], Path("out"), distill=True, **{field: value})
 
 
