@@ -8,6 +8,7 @@ columns its shard plan names, so a rank's peak memory is about the model's size 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +17,14 @@ from safetensors import SafetensorError, safe_open
 from ladder import comm
 from ladder.config import LadderConfig, Schedule, dtype_name
 from ladder.model import LadderForCausalLM
+from ladder.quant import (
+    DEFAULT_GROUP_SIZE,
+    EMBEDDING,
+    check_format,
+    head_format,
+    is_projection,
+    low_bit_linear,
+)
 from ladder.sharding import ShardPlan
 from ladder.tokenizer import TOKENIZER_FILES
 from ladder.writer import CheckpointWriter
@@ -62,11 +71,12 @@ def full_shapes(config: LadderConfig) -> dict[str, tuple[int, ...]]:
     return ShardPlan(config).full_shapes()
 
 
-def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
-               strides: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def read_parts(files: dict[str, Path], plan: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
     """This rank's part of every tensor in `plan`, read lazily and checked against the config.
 
-    Each part is laid out with `strides` (the model's own memory layout), so no copy follows.
+    Each part is a view of the memory-mapped file, valid only until the next part is asked for: one
+    mapping per tensor, closed right after, because a column slice touches every page of its tensor,
+    so keeping views or the mapping would leave the whole file in the rank's memory.
     """
     expected_full = plan.full_shapes()
     missing = [n for n in plan.tensors if n not in files]
@@ -79,13 +89,9 @@ def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
     if unexpected:
         raise CheckpointError(f"{files[unexpected[0]]}: tensor(s) the config does not describe: "
                               f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    shard: dict[str, torch.Tensor] = {}
     for name, part in plan.tensors.items():
         file = files[name]
         try:
-            # One mapping per tensor, closed right after, and a private copy of the slice: safetensors
-            # hands out views of the memory-mapped file, and a column slice touches every page of its
-            # tensor, so keeping views or the mapping would leave the whole file in the rank's memory.
             with safe_open(file, "pt") as f:
                 lazy = f.get_slice(name)
                 shape = tuple(lazy.get_shape())
@@ -101,19 +107,24 @@ def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
                     view = lazy[part.start:part.stop]
                 else:
                     view = lazy[:, part.start:part.stop]
-                shard[name] = torch.empty_strided(view.shape, strides[name], dtype=dtype).copy_(view)
+                yield name, view
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
-    return shard
 
 
 def from_pretrained(path: str | Path, rank: int | None = None, world: int | None = None,
                     dtype: torch.dtype = torch.float32,
-                    schedules: list[Schedule | str] | None = None) -> LadderForCausalLM:
+                    schedules: list[Schedule | str] | None = None,
+                    weights: str = "fp32", group_size: int = DEFAULT_GROUP_SIZE) -> LadderForCausalLM:
     """Build this rank's shard of the Ladder (or plain Llama) checkpoint at `path`.
 
     `rank`/`world` default to the current process group; `schedules` overrides the per-layer
     residual schedules stored in the checkpoint (e.g. to benchmark the same weights as standard).
+    `weights` is the format of the projections and the LM head (`ladder.quant.WEIGHT_FORMATS`; int4
+    in groups of `group_size` input features); `dtype` is that of everything else (embedding, norms,
+    residual stream, KV cache). Each projection is converted as it is read, so a rank's peak memory
+    stays about its shard. A tied head in a low-bit format is a converted copy of the embedding rows
+    (`ladder.quant.head_format` says which format the head takes).
     """
     config = load_config(path)
     if schedules is not None:
@@ -121,9 +132,18 @@ def from_pretrained(path: str | Path, rank: int | None = None, world: int | None
     rank = comm.tp_rank() if rank is None else rank
     world = comm.tp_size() if world is None else world
     model = LadderForCausalLM.empty(config, rank, world)
+    check_format(weights, group_size, model.plan)
     layout = model.state_dict()  # read each part straight into the model's memory layout
-    strides = {name: layout[name].stride() for name in model.plan.tensors}
-    return model.adopt(read_shard(weight_map(path), model.plan, dtype, strides))
+    shard: dict[str, torch.Tensor] = {}
+    for name, part in read_parts(weight_map(path), model.plan):
+        low_bit = weights != "fp32" and is_projection(name)
+        if low_bit or (weights != "fp32" and name == EMBEDDING and config.tie_word_embeddings):
+            module = "lm_head" if name == EMBEDDING else name.removesuffix(".weight")
+            fmt = head_format(weights) if module == "lm_head" else weights
+            model.set_submodule(module, low_bit_linear(model.get_submodule(module), part, fmt, group_size))
+        if not low_bit:
+            shard[name] = torch.empty_strided(part.shape, layout[name].stride(), dtype=dtype).copy_(part)
+    return model.adopt(shard)
 
 
 def gather_state_dict(model: LadderForCausalLM) -> dict[str, torch.Tensor] | None:

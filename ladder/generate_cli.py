@@ -15,6 +15,7 @@ from ladder.config import DTYPES, Schedule
 from ladder.generate import Sampling, generate
 from ladder.launcher import Placement, under_torchrun
 from ladder.launcher import run as run_ranks
+from ladder.quant import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, check_format
 from ladder.sharding import ShardPlan
 from ladder.tokenizer import StreamDecoder, Tokenizer
 
@@ -33,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to spawn (ignored under torchrun)")
     parser.add_argument("--schedule", choices=[s.value for s in Schedule],
                         help="run every layer with this schedule instead of the checkpoint's")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the embedding, norms, residual stream and KV cache")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32",
+                        help="format of the projection and LM head weights (int8/int4: weight-only, bf16 activations)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help="input features per int4 scale and zero")
     add_placement_arguments(parser)
     parser.add_argument("--json-out", type=Path, help="also write the answers and timings here")
 
@@ -58,7 +64,8 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.checkpoint)
     if not under_torchrun():
-        ShardPlan(config, 0, args.tp)  # refuse an impossible TP size before any rank starts
+        # Refuse an impossible TP size or weight format before any rank starts.
+        check_format(args.weights, args.group_size, ShardPlan(config, 0, args.tp))
     run_ranks(generate_on_rank, args.tp, args, placement=placement_from_args(args), timeout_s=args.timeout)
     return 0
 
@@ -70,7 +77,8 @@ def generate_on_rank(args: argparse.Namespace) -> None:
              for p in args.prompt]
     prompts = [tokenizer.encode(t) for t in texts]
     schedules = None if args.schedule is None else [args.schedule] * load_config(args.checkpoint).num_hidden_layers
-    model = from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], schedules=schedules)
+    model = from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], schedules=schedules,
+                            weights=args.weights, group_size=args.group_size)
     stops = set(model.config.eos_token_ids)
     if (token := tokenizer.token_id("eos_token")) is not None:
         stops.add(token)
