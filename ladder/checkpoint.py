@@ -20,12 +20,12 @@ from ladder.model import LadderForCausalLM
 from ladder.quant import (
     DEFAULT_GROUP_SIZE,
     EMBEDDING,
+    LowBitLinear,
     check_format,
     head_format,
-    is_projection,
     low_bit_linear,
 )
-from ladder.sharding import ShardPlan
+from ladder.sharding import FUSED_PROJECTIONS, ShardPlan
 from ladder.tokenizer import TOKENIZER_FILES
 from ladder.writer import CheckpointWriter
 
@@ -134,21 +134,43 @@ def from_pretrained(path: str | Path, rank: int | None = None, world: int | None
     model = LadderForCausalLM.empty(config, rank, world)
     check_format(weights, group_size, model.plan)
     layout = model.state_dict()  # read each part straight into the model's memory layout
+    sources = model.plan.projection_sources() if weights != "fp32" else {}
+    module_of = {tensor: module for module, tensors in sources.items() for tensor in tensors}
+    pending: dict[str, torch.Tensor] = {}  # parts of a low-bit projection until it has them all
     shard: dict[str, torch.Tensor] = {}
     for name, part in read_parts(weight_map(path), model.plan):
-        low_bit = weights != "fp32" and is_projection(name)
-        if low_bit or (weights != "fp32" and name == EMBEDDING and config.tie_word_embeddings):
-            module = "lm_head" if name == EMBEDDING else name.removesuffix(".weight")
-            fmt = head_format(weights) if module == "lm_head" else weights
-            model.set_submodule(module, low_bit_linear(model.get_submodule(module), part, fmt, group_size))
-        if not low_bit:
+        if name not in module_of or name == EMBEDDING:
             shard[name] = torch.empty_strided(part.shape, layout[name].stride(), dtype=dtype).copy_(part)
+        if name in module_of:
+            module = module_of[name]
+            pending[name] = part.clone()
+            if all(tensor in pending for tensor in sources[module]):
+                parts = [pending.pop(tensor) for tensor in sources[module]]
+                fmt = head_format(weights) if module == "lm_head" else weights
+                set_projection(model, module, parts, fmt, group_size, dtype)
     return model.adopt(shard)
+
+
+def set_projection(model: LadderForCausalLM, module: str, parts: list[torch.Tensor], weights: str,
+                   group_size: int, dtype: torch.dtype) -> None:
+    """Put the low-bit projection made of `parts` (weights, then biases, of its sources) at `module`,
+    replacing the projections a fused one stands for."""
+    matrices, biases = [p for p in parts if p.dim() == 2], [p for p in parts if p.dim() == 1]
+    weight = matrices[0] if len(matrices) == 1 else torch.cat(matrices)
+    bias = torch.cat(biases).to(dtype) if biases else None
+    parent_name, _, leaf = module.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, low_bit_linear(weight, bias, weights, group_size))
+    for replaced in FUSED_PROJECTIONS.get(leaf, ()):
+        delattr(parent, replaced)
 
 
 def gather_state_dict(model: LadderForCausalLM) -> dict[str, torch.Tensor] | None:
     """Every tensor whole, in Hugging Face names, on tensor-parallel rank 0; None on the other ranks."""
     own, plan = model.state_dict(), model.plan
+    if any(isinstance(module, LowBitLinear) for module in model.modules()):
+        raise CheckpointError(f"rank {plan.rank}: the model's projections are in a low-bit format, which is for "
+                              "inference only; load the checkpoint with weights='fp32' to save or train it")
     names = plan.of_rank(0).tensors
     whole = {}
     for name in names:

@@ -105,6 +105,6 @@ def generate_on_rank(args: argparse.Namespace) -> None:
           file=sys.stderr)
     if args.json_out:
         args.json_out.write_text(json.dumps({
-            "checkpoint": str(args.checkpoint), "world_size": comm.tp_size(), "transport": transport,
+            "checkpoint": str(args.checkpoint), "weights": args.weights, "world_size": comm.tp_size(), "transport": transport,
             "answers": answers, "tokens": result.tokens, "prefill_seconds": result.prefill_seconds,
             "decode_tokens_per_second": result.decode_tokens_per_second}, indent=2))

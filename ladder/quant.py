@@ -104,15 +104,15 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
 class LowBitLinear(nn.Module):
     """A frozen projection stored in a low-bit format: subclasses hold the weight and its `product`.
 
-    Takes over the replaced `nn.Linear`'s bias (added in the input's dtype).
+    `weight` is [out, in] (this rank's part); the bias, if any, is added in the input's dtype.
     """
 
     activation_dtype: torch.dtype
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.bias = base.bias
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", bias)
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -126,8 +126,8 @@ class LowBitLinear(nn.Module):
 class CastLinear(LowBitLinear):
     """The weight in bf16 or fp16, laid out [in, out] in memory like the model's fp32 projections."""
 
-    def __init__(self, base: nn.Linear, weight: torch.Tensor, dtype: torch.dtype) -> None:
-        super().__init__(base)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__(weight, bias)
         self.activation_dtype = dtype
         self.register_buffer("weight", weight.to(dtype).t().contiguous().t())
 
@@ -138,8 +138,8 @@ class CastLinear(LowBitLinear):
 class Int8Linear(LowBitLinear):
     activation_dtype = torch.bfloat16
 
-    def __init__(self, base: nn.Linear, weight: torch.Tensor) -> None:
-        super().__init__(base)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight, bias)
         integers, scales = quantize_int8(weight.float())
         self.register_buffer("integers", integers)
         self.register_buffer("scales", scales.to(self.activation_dtype))
@@ -156,8 +156,8 @@ class Int4Linear(LowBitLinear):
 
     activation_dtype = torch.bfloat16
 
-    def __init__(self, base: nn.Linear, weight: torch.Tensor, group_size: int) -> None:
-        super().__init__(base)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
+        super().__init__(weight, bias)
         self.group_size = group_size
         padding = -self.out_features % INT4_ROW_MULTIPLE
         integers, scales, minima = quantize_int4(F.pad(weight.float(), (0, 0, 0, padding)), group_size)
@@ -170,14 +170,14 @@ class Int4Linear(LowBitLinear):
         return out if out.shape[-1] == self.out_features else out[:, :self.out_features]
 
 
-def low_bit_linear(base: nn.Linear, weight: torch.Tensor, weights: str, group_size: int) -> nn.Module:
-    """`base` (its bias kept) computing with `weight` ([out, in], this rank's part) in format `weights`."""
+def low_bit_linear(weight: torch.Tensor, bias: torch.Tensor | None, weights: str, group_size: int) -> LowBitLinear:
+    """A projection by `weight` ([out, in], this rank's part) in format `weights`, plus `bias`."""
     if weights in ("bf16", "fp16"):
-        return CastLinear(base, weight, torch.bfloat16 if weights == "bf16" else torch.float16)
+        return CastLinear(weight, bias, torch.bfloat16 if weights == "bf16" else torch.float16)
     if weights == "int8":
-        return Int8Linear(base, weight)
+        return Int8Linear(weight, bias)
     if weights == "int4":
-        return Int4Linear(base, weight, group_size)
+        return Int4Linear(weight, bias, group_size)
     raise WeightFormatError(f"weight format {weights!r} stores no low-bit projection")
 
 
@@ -186,7 +186,7 @@ def projection_bytes(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, LowBitLinear):
-            total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+            total += sum(b.numel() * b.element_size() for n, b in module.named_buffers(recurse=False) if n != "bias")
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total

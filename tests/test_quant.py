@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ladder import LadderConfig
-from ladder.checkpoint import from_pretrained, save_pretrained
+from ladder.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ladder.generate import generate
 from ladder.launcher import launch
 from ladder.model import LadderForCausalLM, random_full_state_dict
@@ -17,6 +17,7 @@ from ladder.quant import (
     WEIGHT_FORMATS,
     Int4Linear,
     Int8Linear,
+    LowBitLinear,
     WeightFormatError,
     projection_bytes,
     quantize_int4,
@@ -88,13 +89,15 @@ def test_int_kernels_compute_with_the_dequantized_weights(weights: str, module: 
     """Independent reference: an fp32 model holding the dequantized weights, fed bf16-rounded inputs."""
     quantized = from_pretrained(checkpoint, 0, 1, weights=weights)
     reference = from_pretrained(checkpoint, 0, 1)
-    assert isinstance(quantized.lm_head, Int8Linear)  # the head is int8 under int4 too
+    layers = range(reference.config.num_hidden_layers)
+    fused = [f"model.layers.{i}.{p}" for i in layers for p in ("self_attn.qkv_proj", "mlp.gate_up_proj")]
+    row_parallel = [f"model.layers.{i}.{p}" for i in layers for p in ("self_attn.o_proj", "mlp.down_proj")]
+    assert {name: type(m) for name, m in quantized.named_modules() if isinstance(m, LowBitLinear)} == (
+        dict.fromkeys(fused + row_parallel, module) | {"lm_head": Int8Linear})  # the head is int8 under int4 too
     with torch.no_grad():
         for name, linear in reference.named_modules():
             if isinstance(linear, torch.nn.Linear):
-                is_head = name == "lm_head"
-                assert isinstance(quantized.get_submodule(name), Int8Linear if is_head else module)
-                exact = dequantized_int8 if is_head else dequantize
+                exact = dequantized_int8 if name == "lm_head" else dequantize
                 linear.weight = torch.nn.Parameter(exact(linear.weight.detach()))
                 linear.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
     got, expected = logits(quantized), logits(reference)
@@ -165,3 +168,9 @@ def test_bad_formats_are_refused_naming_the_problem(weights: str, group_size: in
                                                     checkpoint: Path) -> None:
     with pytest.raises(WeightFormatError, match=message):
         from_pretrained(checkpoint, 0, 1, weights=weights, group_size=group_size)
+
+
+def test_a_low_bit_model_is_not_saved(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"rank 0: the model's projections are in a low-bit format"):
+        save_pretrained(from_pretrained(checkpoint, 0, 1, weights="int8"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
