@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +20,15 @@ from ladder import comm
 from ladder.config import LadderConfig, Schedule, dtype_name, shown
 from ladder.model import LadderForCausalLM
 from ladder.outputs import read_side_files
-from ladder.sharding import ShardPlan
+from ladder.quant import (
+    DEFAULT_GROUP_SIZE,
+    EMBEDDING,
+    LowBitLinear,
+    check_format,
+    head_format,
+    low_bit_linear,
+)
+from ladder.sharding import FUSED_PROJECTIONS, ShardPlan
 from ladder.tokenizer import TOKENIZER_FILES
 from ladder.writer import CheckpointWriter
 
@@ -125,11 +134,17 @@ def non_finite(stored: torch.Tensor, cast: torch.Tensor) -> str | None:
             "(choose a wider --dtype)")
 
 
-def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
-               strides: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def refuse_non_finite(file: Path, name: str, stored: torch.Tensor, cast: torch.Tensor) -> None:
+    if problem := non_finite(stored, cast):
+        raise CheckpointError(f"{file}: tensor {name} {problem}")
+
+
+def read_parts(files: dict[str, Path], plan: ShardPlan) -> Iterator[tuple[str, torch.Tensor]]:
     """This rank's part of every tensor in `plan`, read lazily and checked against the config.
 
-    Each part is laid out with `strides` (the model's own memory layout), so no copy follows.
+    Each part is a view of the memory-mapped file, valid only until the next part is asked for: one
+    mapping per tensor, closed right after, because a column slice touches every page of its tensor,
+    so keeping views or the mapping would leave the whole file in the rank's memory.
     """
     expected_full = plan.full_shapes()
     missing = [n for n in plan.tensors if n not in files]
@@ -142,13 +157,9 @@ def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
     if unexpected:
         raise CheckpointError(f"{files[unexpected[0]]}: tensor(s) the config does not describe: "
                               f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    shard: dict[str, torch.Tensor] = {}
     for name, part in plan.tensors.items():
         file = files[name]
         try:
-            # One mapping per tensor, closed right after, and a private copy of the slice: safetensors
-            # hands out views of the memory-mapped file, and a column slice touches every page of its
-            # tensor, so keeping views or the mapping would leave the whole file in the rank's memory.
             with safe_open(file, "pt") as f:
                 lazy = f.get_slice(name)
                 shape = tuple(lazy.get_shape())
@@ -164,21 +175,24 @@ def read_shard(files: dict[str, Path], plan: ShardPlan, dtype: torch.dtype,
                     view = lazy[part.start:part.stop]
                 else:
                     view = lazy[:, part.start:part.stop]
-                shard[name] = torch.empty_strided(view.shape, strides[name], dtype=dtype).copy_(view)
-                if problem := non_finite(view, shard[name]):
-                    raise CheckpointError(f"{file}: tensor {name} {problem}")
+                yield name, view
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
-    return shard
 
 
 def from_pretrained(path: str | Path, rank: int | None = None, world: int | None = None,
                     dtype: torch.dtype = torch.float32,
-                    schedules: list[Schedule | str] | None = None) -> LadderForCausalLM:
+                    schedules: list[Schedule | str] | None = None,
+                    weights: str = "fp32", group_size: int = DEFAULT_GROUP_SIZE) -> LadderForCausalLM:
     """Build this rank's shard of the Ladder (or plain Llama) checkpoint at `path`.
 
     `rank`/`world` default to the current process group; `schedules` overrides the per-layer
     residual schedules stored in the checkpoint (e.g. to benchmark the same weights as standard).
+    `weights` is the format of the projections and the LM head (`ladder.quant.WEIGHT_FORMATS`; int4
+    in groups of `group_size` input features); `dtype` is that of everything else (embedding, norms,
+    residual stream, KV cache). Each projection is converted as it is read, so a rank's peak memory
+    stays about its shard. A tied head in a low-bit format is a converted copy of the embedding rows
+    (`ladder.quant.head_format` says which format the head takes).
     """
     config = load_config(path)
     if schedules is not None:
@@ -186,14 +200,48 @@ def from_pretrained(path: str | Path, rank: int | None = None, world: int | None
     rank = comm.tp_rank() if rank is None else rank
     world = comm.tp_size() if world is None else world
     model = LadderForCausalLM.empty(config, rank, world)
+    check_format(weights, group_size, model.plan)
     layout = model.state_dict()  # read each part straight into the model's memory layout
-    strides = {name: layout[name].stride() for name in model.plan.tensors}
-    return model.adopt(read_shard(weight_map(path), model.plan, dtype, strides))
+    sources = model.plan.projection_sources() if weights != "fp32" else {}
+    module_of = {tensor: module for module, tensors in sources.items() for tensor in tensors}
+    pending: dict[str, torch.Tensor] = {}  # parts of a low-bit projection until it has them all
+    shard: dict[str, torch.Tensor] = {}
+    files = weight_map(path)
+    for name, part in read_parts(files, model.plan):
+        if name not in module_of or name == EMBEDDING:
+            shard[name] = torch.empty_strided(part.shape, layout[name].stride(), dtype=dtype).copy_(part)
+            refuse_non_finite(files[name], name, part, shard[name])
+        if name in module_of:
+            module = module_of[name]
+            pending[name] = part.clone()
+            refuse_non_finite(files[name], name, part, part.to(torch.float16) if weights == "fp16" else part)
+            if all(tensor in pending for tensor in sources[module]):
+                parts = [pending.pop(tensor) for tensor in sources[module]]
+                fmt = head_format(weights) if module == "lm_head" else weights
+                set_projection(model, module, parts, fmt, group_size, dtype)
+    return model.adopt(shard)
+
+
+def set_projection(model: LadderForCausalLM, module: str, parts: list[torch.Tensor], weights: str,
+                   group_size: int, dtype: torch.dtype) -> None:
+    """Put the low-bit projection made of `parts` (weights, then biases, of its sources) at `module`,
+    replacing the projections a fused one stands for."""
+    matrices, biases = [p for p in parts if p.dim() == 2], [p for p in parts if p.dim() == 1]
+    weight = matrices[0] if len(matrices) == 1 else torch.cat(matrices)
+    bias = torch.cat(biases).to(dtype) if biases else None
+    parent_name, _, leaf = module.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, low_bit_linear(weight, bias, weights, group_size))
+    for replaced in FUSED_PROJECTIONS.get(leaf, ()):
+        delattr(parent, replaced)
 
 
 def gather_state_dict(model: LadderForCausalLM) -> dict[str, torch.Tensor] | None:
     """Every tensor whole, in Hugging Face names, on tensor-parallel rank 0; None on the other ranks."""
     own, plan = model.state_dict(), model.plan
+    if any(isinstance(module, LowBitLinear) for module in model.modules()):
+        raise CheckpointError(f"rank {plan.rank}: the model's projections are in a low-bit format, which is for "
+                              "inference only; load the checkpoint with weights='fp32' to save or train it")
     names = plan.of_rank(0).tensors
     whole = {}
     for name in names:

@@ -18,6 +18,7 @@ from ladder.generate import Sampling, generate
 from ladder.launcher import Placement, under_torchrun
 from ladder.launcher import run as run_ranks
 from ladder.outputs import refuse_overlaps
+from ladder.quant import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, check_format
 from ladder.sharding import ShardPlan
 from ladder.tokenizer import StreamDecoder, Tokenizer
 
@@ -36,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to spawn (ignored under torchrun)")
     parser.add_argument("--schedule", choices=[s.value for s in Schedule],
                         help="run every layer with this schedule instead of the checkpoint's")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the embedding, norms, residual stream and KV cache")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="fp32",
+                        help="format of the projection and LM head weights (int8/int4: weight-only, bf16 activations)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help="input features per int4 scale and zero")
     add_placement_arguments(parser)
     parser.add_argument("--json-out", type=Path, help="also write the answers and timings here")
 
@@ -82,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.checkpoint)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     if not under_torchrun():
-        ShardPlan(config, 0, args.tp)  # refuse an impossible TP size before any rank starts
+        # Refuse an impossible TP size or weight format before any rank starts.
+        check_format(args.weights, args.group_size, ShardPlan(config, 0, args.tp))
     if args.json_out:
         refuse_overlaps(args.json_out, [args.checkpoint], "--json-out")
     tokenizer = Tokenizer(args.checkpoint)
@@ -100,7 +107,8 @@ def generate_on_rank(args: argparse.Namespace, prompts: list[list[int]], samplin
     leader = comm.tp_rank() == 0
     tokenizer = Tokenizer(args.checkpoint)
     schedules = None if args.schedule is None else [args.schedule] * load_config(args.checkpoint).num_hidden_layers
-    model = from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], schedules=schedules)
+    model = from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], schedules=schedules,
+                            weights=args.weights, group_size=args.group_size)
     stops = set(model.config.eos_token_ids)
     if (token := tokenizer.token_id("eos_token")) is not None:
         stops.add(token)
@@ -127,6 +135,6 @@ def generate_on_rank(args: argparse.Namespace, prompts: list[list[int]], samplin
           file=sys.stderr)
     if args.json_out:
         args.json_out.write_text(json.dumps({
-            "checkpoint": str(args.checkpoint), "world_size": comm.tp_size(), "transport": transport,
+            "checkpoint": str(args.checkpoint), "weights": args.weights, "world_size": comm.tp_size(), "transport": transport,
             "answers": answers, "tokens": result.tokens, "prefill_seconds": result.prefill_seconds,
             "decode_tokens_per_second": result.decode_tokens_per_second}, indent=2))

@@ -98,6 +98,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, hidden, bias=bias and plan.holds_row_parallel_bias)
+        # Low-bit models compute q, k and v as one product (`sharding.FUSED_PROJECTIONS`).
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_widths = [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd]
         kv_of_head = plan.kv_head_of_local_head
         group = self.n_heads // self.n_kv_heads
         self.uniform_groups = kv_of_head == [h // group for h in range(self.n_heads)]
@@ -108,9 +111,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
         batch, tokens, _ = x.shape
         heads = (batch, tokens, -1, self.head_dim)
-        q = self.q_proj(x).view(heads).transpose(1, 2)  # [b, h, t, d]
-        k = self.k_proj(x).view(heads).transpose(1, 2)
-        v = self.v_proj(x).view(heads).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.qkv_widths, dim=-1)
+        q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))  # [b, h, t, d]
         q, k = rotate(q, step.cos, step.signed_sin), rotate(k, step.cos, step.signed_sin)
         if self.cache is not None and step.slot is not None:
             k, v = self.cache.update(step.slot, k, v)
@@ -131,9 +136,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, width, bias=bias)
         self.up_proj = nn.Linear(hidden, width, bias=bias)
         self.down_proj = nn.Linear(width, hidden, bias=bias and plan.holds_row_parallel_bias)
+        self.gate_up_proj: nn.Module | None = None  # low-bit models: gate and up as one product
+        self.width = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).split(self.width, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

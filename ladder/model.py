@@ -62,9 +62,10 @@ class LadderForCausalLM(nn.Module):
             return cls(config, rank, world)
 
     def adopt(self, shard: dict[str, torch.Tensor]) -> LadderForCausalLM:
-        """Take exactly the tensors of `shard` (this rank's parts, `ShardPlan.tensors` names) as the
-        weights, without copying them, and re-tie the head."""
-        wanted = set(self.plan.tensors)
+        """Take exactly the tensors of `shard` (this rank's parts, `ShardPlan.tensors` names, except the
+        projections already built in a low-bit format) as the weights, without copying, and re-tie the head."""
+        state = self.state_dict(keep_vars=True)  # a low-bit projection's weight is no longer meta (or named so)
+        wanted = {name for name in self.plan.tensors if name in state and state[name].is_meta}
         if set(shard) != wanted:
             missing, extra = sorted(wanted - set(shard)), sorted(set(shard) - wanted)
             raise ValueError(f"rank {self.plan.rank}: shard lacks {missing[:5]} and has extra {extra[:5]}")
@@ -74,7 +75,7 @@ class LadderForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """A tied LM head is the embedding's very parameter (the checkpoint stores it once)."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not a low-bit copy
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
@@ -83,9 +84,15 @@ class LadderForCausalLM(nn.Module):
 
     # --- inference ----------------------------------------------------------------------------
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the residual stream, rotary tables and KV cache: the embedding's (projections
+        in a low-bit format convert their input and output)."""
+        return self.model.embed_tokens.weight.dtype
+
     def setup_cache(self, batch: int, length: int, dtype: torch.dtype | None = None) -> None:
         """Preallocate the KV cache for `batch` sequences of up to `length` tokens."""
-        dtype = dtype or self.lm_head.weight.dtype
+        dtype = dtype or self.compute_dtype
         if length > self.config.max_position_embeddings:
             raise CacheError(f"cache length {length} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -115,7 +122,7 @@ class LadderForCausalLM(nn.Module):
         if padding is not None:
             positions = (positions - padding[:, None]).clamp(min=0)
         angles = (positions[..., None].float() * self.inv_freq).unsqueeze(1)
-        dtype = self.lm_head.weight.dtype
+        dtype = self.compute_dtype
         mask = None
         if padding is not None or (tokens > 1 and start > 0):
             keys = torch.arange(start + tokens)

@@ -19,6 +19,10 @@ import torch
 
 from ladder.config import LadderConfig
 
+# Projections that low-bit models compute as one product each (they read the same input): the fused
+# module holds this rank's rows of every part, concatenated in this order (`projection_sources`).
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
 
 class ShardingError(ValueError):
     """The model cannot be split over this many ranks."""
@@ -173,6 +177,21 @@ class ShardPlan:
         if not c.tie_word_embeddings:
             table["lm_head.weight"] = split((c.vocab_size, hidden), 0, self.vocab)
         return table
+
+    def projection_sources(self) -> dict[str, list[str]]:
+        """Every projection module, fused ones (`FUSED_PROJECTIONS`) under their fused name, and the
+        LM head -> the tensors its weight and bias are made of: each tensor's rows on this rank,
+        weights concatenated in this order and biases likewise (a tied head is the embedding)."""
+        sources: dict[str, list[str]] = {}
+        fused_of = {part: fused for fused, parts in FUSED_PROJECTIONS.items() for part in parts}
+        for name in self.tensors:
+            module, _, leaf = name.rpartition(".")
+            if leaf in ("weight", "bias") and module.endswith("_proj"):
+                parent, _, projection = module.rpartition(".")
+                fused = fused_of.get(projection)
+                sources.setdefault(f"{parent}.{fused}" if fused else module, []).append(name)
+        sources["lm_head"] = ["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        return sources
 
     def full_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor a checkpoint of this config stores and its whole shape (rank 0 holds them all)."""
