@@ -113,16 +113,22 @@ class LlamaCppRunner:
         logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits(self.model.ctx), shape=(self.vocab,))
         return int(logits.argmax())
 
+    def generate(self, prompt: list[int], new_tokens: int, on_token: Callable[[], None] = lambda: None) -> list[int]:
+        """`new_tokens` greedy tokens after `prompt`, from an empty KV cache."""
+        self.model.reset()
+        self.model.eval(prompt)
+        tokens: list[int] = []
+        while len(tokens) < new_tokens:
+            tokens.append(self.next_token())
+            on_token()
+            if len(tokens) < new_tokens:
+                self.model.eval(tokens[-1:])
+        return tokens
+
     def __call__(self, prompts: list[list[int]], new_tokens: int, on_token: Callable[[], None]) -> None:
         if len(prompts) != 1:
             raise ValueError(f"the llama.cpp baseline decodes one sequence, got {len(prompts)}")
-        self.model.reset()
-        self.model.eval(prompts[0])
-        for step in range(new_tokens):
-            token = self.next_token()
-            on_token()
-            if step + 1 < new_tokens:
-                self.model.eval([token])
+        self.generate(prompts[0], new_tokens, on_token)
 
 
 def llama_cpp_runners(spec: LlamaCppSpec, threads: int, context: int,

@@ -43,6 +43,16 @@ CATEGORIES = ("matmul", "attention", "norms", "rotary", "rotary_tables_and_mask"
               "blocked_in_wait", "python_and_dispatch", "wall")
 
 
+PACKAGE = "ladder/"
+
+
+def _within_package(frame: str) -> str:
+    """A profiler frame name from the package on: the tracer writes 'ladder/layers.py(65): rotate' for a
+    file under a `sys.path` entry and the absolute path for one an editable install finds."""
+    start = frame.rfind(PACKAGE)
+    return frame[start:] if start >= 0 else frame
+
+
 def _functions(module: ModuleType) -> Iterator[tuple[str, object]]:
     """Every function defined in `module`, and every method of its classes, with its qualified name."""
     for value in vars(module).values():
@@ -54,10 +64,10 @@ def _functions(module: ModuleType) -> Iterator[tuple[str, object]]:
             yield value.__qualname__, inspect.unwrap(value)
 
 
-def _frame_name(function: object) -> str:
-    """How the profiler's Python tracer names a call of `function`: 'path(first line): name'."""
+def _frame_name(module: ModuleType, function: object) -> str:
+    """How `_within_package` names a profiler frame of a call of `function`: 'ladder/file.py(first line): name'."""
     code = function.__code__  # type: ignore[attr-defined]
-    return f"{code.co_filename}({code.co_firstlineno}): {code.co_name}"
+    return f"{module.__name__.replace('.', '/')}.py({code.co_firstlineno}): {code.co_name}"
 
 
 def _frame_categories() -> dict[str, str]:
@@ -67,24 +77,25 @@ def _frame_categories() -> dict[str, str]:
         for qualname, function in _functions(module):
             category = BY_FUNCTION.get(qualname) or BY_MODULE.get(module)
             if category:
-                frames[_frame_name(function)] = category
+                frames[_frame_name(module, function)] = category
     return frames
 
 
 def categorize(op: str, callers: list[str], frames: dict[str, str]) -> str:
-    """The category of operator `op` called from the Python frames `callers` (innermost first)."""
+    """The category of operator `op` called from the Python frames `callers` (innermost first, named as
+    `_within_package` names them)."""
     if op in MATMUL_OPS:
         return "matmul"
     if "scaled_dot_product" in op:
         return "attention"
     if op == "aten::rms_norm" or any("normalization.py" in c for c in callers[:1]):
         return "norms"
-    if op.startswith(("c10d::", "gloo:")) or any("/ladder/comm/" in c for c in callers):
+    if op.startswith(("c10d::", "gloo:")) or any(c.startswith(f"{PACKAGE}comm/") for c in callers):
         return "collective_calls"
     for caller in callers:
         if caller in frames:
             return frames[caller]
-        if "/ladder/quant.py" in caller:
+        if caller.startswith(f"{PACKAGE}quant.py"):
             return "low_bit_casts"
     return "other_ops"
 
@@ -94,7 +105,7 @@ def _python_callers(event: torch.autograd.profiler_util.FunctionEvent) -> list[s
     parent = event.cpu_parent
     while parent is not None:
         if parent.is_python_function:
-            callers.append(parent.name)
+            callers.append(_within_package(parent.name))
         parent = parent.cpu_parent
     return callers
 
