@@ -56,7 +56,6 @@ def measure_accuracy(checkpoint: str | Path, formats: tuple[str, ...], group_siz
     prompt = chat_prompt(tokenizer, QUESTION)
     rows: dict[str, dict[str, Any]] = {}
     for weights in formats:
-        print(f"accuracy: {weights}", flush=True)
         started = time.perf_counter()
         model = load_checkpoint(checkpoint, 0, 1, weights, group_size)
         with torch.inference_mode():
@@ -65,6 +64,7 @@ def measure_accuracy(checkpoint: str | Path, formats: tuple[str, ...], group_siz
         text = tokenizer.decode(answer)
         rows[weights] = {"loss": loss, "perplexity": math.exp(loss), "answer": text, "expected_in_answer": EXPECTED in text,
                          "seconds": round(time.perf_counter() - started, 1)}
+        print(f"accuracy {weights}: perplexity {rows[weights]['perplexity']:.4f}, answer {text!r}", flush=True)
     reference = rows.get(REFERENCE_WEIGHTS)
     for row in rows.values():
         row["perplexity_vs_fp32"] = row["perplexity"] / reference["perplexity"] - 1 if reference else None
