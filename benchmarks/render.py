@@ -10,13 +10,20 @@ from .sweep import sweep_plot, sweep_table
 from .targets import targets_table
 from .text import fmt as _fmt
 from .text import save_figure as _save
+from .weights_report import accuracy_table, profile_table, weights_plot, weights_table
+from .workload import WEIGHT_FORMATS, variant_weights
 
 PAPER_OVERLAP_EFFICIENCY = 0.72  # the Ladder-Residual paper's: 70B, TP=8, H100, batch 1
 ORDER = ("standard", "ladder", "parallel", "upper-bound", "hf-transformers", "pytorch-tp")
 
 
 def _names(variants: dict[str, Any]) -> list[str]:
-    return sorted(variants, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+    """fp32's schedules and baselines, then each weight format's schedules, then llama.cpp's files."""
+    def key(name: str) -> tuple[int, int]:
+        weights, schedule = variant_weights(name), name.partition(":")[0]
+        order = WEIGHT_FORMATS.index(weights) if weights in WEIGHT_FORMATS else len(WEIGHT_FORMATS)
+        return order, ORDER.index(schedule) if schedule in ORDER else len(ORDER)
+    return sorted(variants, key=key)
 
 
 def _tp_label(session: dict[str, Any]) -> str:
@@ -103,8 +110,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                          for s in sessions for name in s["unavailable"]] if notes else []
         lines.append("")
         lines += _scaling_table(sessions)
+        lines += weights_table(sessions)
         for profiled in (s for s in sessions if s["profile"]):
-            lines += [*_profile_table(profiled), ""]
+            lines += profile_table(_session_label(profiled), profiled["profile"])
+    lines += accuracy_table(report.get("accuracy", {"skipped": "not measured (a run before weight formats)"}))
     lines += collective_table(report.get("collective_cost", {}))
     lines += sweep_table(report.get("latency_sweep", {}))
     lines += _placement_table(report.get("placements", []))
@@ -115,31 +124,19 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 
 
 def _scaling_table(sessions: list[dict[str, Any]]) -> list[str]:
-    """TP=N (each transport) vs TP=1 decode speed (batch 1) per schedule."""
+    """TP=N (each transport) vs TP=1 decode speed (batch 1) per schedule and weight format."""
     base = next((s for s in sessions if s["tp"] == 1), None)
     others = [s for s in sessions if s["tp"] > 1]
     if not base or not others:
         return []
     lines = ["| scaling vs TP=1, batch 1 (* = oversubscribed) | " + " | ".join(_session_label(s) for s in others) + " |",
              "|" + "---|" * (len(others) + 1)]
-    for name in ("standard", "ladder", "parallel", "upper-bound"):
-        if name in base["variants"]:
+    for name in _names(base["variants"]):
+        if name.partition(":")[0] in ("standard", "ladder", "parallel", "upper-bound"):
             cells = [_fmt(base["variants"][name]["decode_ms"][1] / s["variants"][name]["decode_ms"][1], 2) + "x"
-                     for s in others]
+                     if name in s["variants"] else "-" for s in others]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, ""]
-
-
-def _profile_table(session: dict[str, Any]) -> list[str]:
-    kinds = ["matmul", "attention", "other_ops", "collective_calls", "blocked_in_wait", "python_and_dispatch", "wall"]
-    lines = [f"Where a batch-1 decode step's time goes at {_session_label(session)} (torch.profiler, ms/token, "
-             "per rank; the profiler's own overhead is in python_and_dispatch; shm's collectives are no "
-             "profiler ops, so their time is there too):", "",
-             "| rank | variant | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 2)]
-    for rank, profile in enumerate(session["profile"]):
-        for name, parts in profile.items():
-            lines.append(f"| {rank} | {name} | " + " | ".join(_fmt(parts[k], 2) for k in kinds) + " |")
-    return lines
 
 
 def _placement_table(placements: list[dict[str, Any]]) -> list[str]:
@@ -263,5 +260,6 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(f"{runs[0]['shape']}: one rank per network namespace")
         ax.legend(fontsize=7)
         written.append(_save(fig, out / "slow_link.png"))
+    formats = weights_plot([s for s in report["sessions"] if s["shape"] == shapes[0]], out)
     sweep = sweep_plot(report.get("latency_sweep", {}), out)
-    return [*written, *([sweep] if sweep else [])]
+    return [*written, *(plot for plot in (formats, sweep) if plot)]

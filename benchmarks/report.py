@@ -2,10 +2,12 @@
 
 One launch per (shape, TP size, transport) keeps its ranks alive while every variant of the same
 weights is measured interleaved (`session.py`); TP=1 has no transport, TP>1 runs once over each of
-`--transports`. Around them, in the same run: the memory-bandwidth roofline, the pinning/thread
+`--transports`; each weight format of `--weights` is loaded in the same launch and measured in the
+same interleaved rounds, and at TP=1 on SmolLM2's shape so is llama.cpp on the same GGUF
+(`llamacpp.py`). Around them, in the same run: the memory-bandwidth roofline, the pinning/thread
 alternatives at TP=2, what one collective costs per transport (`collectives.py`), the latency sweep
-on an emulated link (`sweep.py`) and the slow-interconnect mode (`netns.py`). Writes
-`results.json`, `results.md` and PNG plots to `--out`.
+on an emulated link (`sweep.py`), the slow-interconnect mode (`netns.py`) and the accuracy of each
+weight format (`accuracy.py`). Writes `results.json`, `results.md` and PNG plots to `--out`.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from ladder.launcher import Placement, launch
 from ladder.layers import input_major
 
 from . import collectives, netns
+from .accuracy import measure_accuracy
+from .adaptation import shipped_smollm2_gguf
+from .llamacpp import LlamaCppSpec, default_cache_dir
 from .render import write_markdown, write_plots
 from .session import SessionSpec, run_session
 from .summary import summarize
 from .sweep import LATENCIES_US, QUICK_LATENCIES_US, measure_sweep
-from .workload import SHAPES, ModelSource, Workload
+from .workload import DEFAULT_GROUP_SIZE, REFERENCE_WEIGHTS, SHAPES, WEIGHT_FORMATS, ModelSource, Workload
 
 HELP = "benchmark Standard vs Ladder vs Parallel vs upper bound, with baselines"
 
@@ -47,6 +52,7 @@ PLACEMENTS = {
     "unpinned, 2 threads/rank, real-time gloo threads": Placement(transport="gloo", threads=2),
 }
 TRANSPORTS = ("shm", "gloo")
+LLAMA_CPP_SHAPE = "smollm2-135m"  # the shape of the GGUF that llama.cpp runs
 
 
 def _positive_int(text: str) -> int:
@@ -77,6 +83,17 @@ def _transports(text: str) -> list[str]:
     return names
 
 
+def _weights(text: str) -> list[str]:
+    names = [part for part in text.split(",") if part]
+    unknown = [n for n in names if n not in WEIGHT_FORMATS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"weight formats are {', '.join(WEIGHT_FORMATS)}, got {', '.join(unknown)}")
+    if REFERENCE_WEIGHTS not in names:
+        raise argparse.ArgumentTypeError(f"--weights must include {REFERENCE_WEIGHTS}: every other format is "
+                                         f"compared with it, got {text!r}")
+    return list(dict.fromkeys([REFERENCE_WEIGHTS, *names]))  # fp32 first, each once
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for JSON, markdown, PNGs")
     parser.add_argument("--shapes", default="smollm2-135m,llama-2048x4",
@@ -88,6 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transports", type=_transports, default=list(TRANSPORTS),
                         help="transports of every TP>1 session, e.g. shm,gloo (the collective cost always "
                         "measures both)")
+    parser.add_argument("--weights", type=_weights, default=[REFERENCE_WEIGHTS],
+                        help=f"weight formats measured side by side, from {', '.join(WEIGHT_FORMATS)} (fp32 "
+                        "included: it runs every schedule, the others standard, and ladder at TP>1)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4 group size")
+    parser.add_argument("--llama-cpp-cache", type=Path, default=default_cache_dir(),
+                        help="where llama.cpp's requantized GGUF files are kept between runs")
     parser.add_argument("--batches", type=_int_list, default=[1, 4, 16])
     parser.add_argument("--repeats", type=_positive_int, default=5, help="interleaved rounds per batch size")
     parser.add_argument("--new-tokens", type=_positive_int, default=17, help="tokens per timed generation")
@@ -95,8 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="emulated-link latencies (us) of the TP=2 latency sweep, e.g. 0,100,400; the "
                         f"sub-block compute time is added (default {','.join(map(str, LATENCIES_US))}; "
                         "an empty string skips the sweep)")
-    parser.add_argument("--no-baselines", action="store_true", help="skip transformers and PyTorch TP")
-    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown at TP=2")
+    parser.add_argument("--no-baselines", action="store_true", help="skip transformers, PyTorch TP and llama.cpp")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown at TP=1 and 2")
+    parser.add_argument("--no-accuracy", action="store_true",
+                        help="skip the perplexity and chat answer of each weight format")
     parser.add_argument("--no-placements", action="store_true", help="skip the pinning/threads comparison")
     parser.add_argument("--slow-link-rate", default="20mbit",
                         help="tc rate of the veth link between the two namespaces; 'off' skips the mode")
@@ -172,9 +197,10 @@ def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], wor
                 weights: Path) -> dict[str, Any]:
     """Everything, in one run; random weights are written once to `weights` as checkpoints."""
     started = time.time()
-    command = {name: value for name, value in vars(args).items() if not callable(value)}  # not the `run` hook
+    command = {name: str(value) if isinstance(value, Path) else value
+               for name, value in vars(args).items() if not callable(value)}  # not the `run` hook
     report: dict[str, Any] = {"machine": machine(), "load_before": os.getloadavg(),
-                              "workload": dataclasses.asdict(workload), "command": command | {"out": str(args.out)}}
+                              "workload": dataclasses.asdict(workload), "command": command}
     with _section(report, "bandwidth"):
         report["bandwidth_gb_s"] = measure_bandwidth(quick=args.quick)
     print(f"matrix-vector bandwidth (GB/s by threads): {report['bandwidth_gb_s']}", flush=True)
@@ -195,6 +221,8 @@ def measure_all(args: argparse.Namespace, shapes: list[str], tps: list[int], wor
                                    if 2 in tps and args.latencies else {"skipped": "TP=2 or --latencies not given"})
     with _section(report, "slow link"):
         report["slow_link"] = (slow_link(args, lead, workload) if 2 in tps else {"skipped": "TP=2 not requested"})
+    with _section(report, "accuracy"):
+        report["accuracy"] = accuracy(args, lead)
     report["load_after"] = os.getloadavg()
     report["wall_seconds"] = time.time() - started
     return report
@@ -216,14 +244,31 @@ def measure_sessions(args: argparse.Namespace, sources: dict[str, ModelSource], 
                                 if oversubscribed else workload)  # slower per token when oversubscribed: fewer rounds
             for transport in (args.transports if tp > 1 else [None]):
                 print(f"--- {shape} TP={tp}{' over ' + transport if transport else ''} ---", flush=True)
-                spec = SessionSpec(source, session_workload,
-                                   baselines=not args.no_baselines and transport in (None, args.transports[0]),
-                                   profile=tp == 2 and not args.no_profile)
+                baselines = not args.no_baselines and transport in (None, args.transports[0])
+                spec = SessionSpec(source, session_workload, baselines=baselines, profile=tp <= 2 and not args.no_profile,
+                                   weights=tuple(args.weights), group_size=args.group_size,
+                                   llama_cpp=llama_cpp_spec(args) if baselines and tp == 1 and shape == LLAMA_CPP_SHAPE
+                                   else None)
                 started = time.time()
                 ranks = launch(run_session, tp, spec, placement=Placement(transport=transport), timeout_s=600)
                 sessions.append(summarize(shape, source, ranks, bandwidth)
                                 | {"wall_seconds": round(time.time() - started, 1)})
     return sessions
+
+
+def llama_cpp_spec(args: argparse.Namespace) -> LlamaCppSpec:
+    gguf = shipped_smollm2_gguf()
+    return LlamaCppSpec(str(gguf) if gguf else None, str(args.llama_cpp_cache))
+
+
+def accuracy(args: argparse.Namespace, source: ModelSource) -> dict[str, Any]:
+    """Every weight format's perplexity and chat answer, on a real checkpoint only (random weights
+    have neither a tokenizer nor an answer)."""
+    if args.no_accuracy:
+        return {"skipped": "--no-accuracy"}
+    if source.random_weights or not source.checkpoint:
+        return {"skipped": f"{source.shape} has random weights (give --checkpoint for SmolLM2's)"}
+    return measure_accuracy(source.checkpoint, tuple(args.weights), args.group_size)
 
 
 def measure_placements(source: ModelSource, workload: Workload) -> list[dict[str, Any]]:

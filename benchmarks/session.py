@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,11 @@ from .baselines import (
     pytorch_tp_model,
     pytorch_tp_obstacle,
 )
-from .timing import blocked_time
+from .llamacpp import LlamaCppSpec, llama_cpp_runners
+from .profiling import profile_decode
 from .workload import (
+    DEFAULT_GROUP_SIZE,
+    REFERENCE_WEIGHTS,
     ModelSource,
     Runner,
     Workload,
@@ -41,6 +44,7 @@ from .workload import (
     resident_bytes,
     schedule_variants,
     streamed_bytes,
+    variant_name,
 )
 
 HF_BASELINE = "hf-transformers"
@@ -49,11 +53,21 @@ TORCH_TP_BASELINE = "pytorch-tp"
 
 @dataclass(frozen=True)
 class SessionSpec:
+    """One launch's measurements. fp32 weights run every schedule of `schedules`; each other format of
+    `weights` runs the standard schedule, and the ladder too when there is communication to hide."""
+
     source: ModelSource
     workload: Workload = field(default_factory=Workload)
     schedules: tuple[str, ...] = ("standard", "ladder", "parallel", "upper-bound")
     baselines: bool = True
     profile: bool = False
+    weights: tuple[str, ...] = (REFERENCE_WEIGHTS,)
+    group_size: int = DEFAULT_GROUP_SIZE
+    llama_cpp: LlamaCppSpec | None = None
+
+    def low_bit_schedules(self, world: int) -> tuple[str, ...]:
+        wanted = ("standard", "ladder") if world > 1 else ("standard",)
+        return tuple(s for s in wanted if s in self.schedules)
 
 
 def run_session(spec: SessionSpec) -> dict[str, Any]:
@@ -62,35 +76,71 @@ def run_session(spec: SessionSpec) -> dict[str, Any]:
     log = print if rank == 0 else (lambda _: None)
     base = spec.source.load(rank, world)
     resident = resident_bytes()
-    variants = {name: model for name, model in schedule_variants(base).items() if name in spec.schedules}
-    runners: dict[str, Runner] = {name: ladder_runner(model) for name, model in variants.items()}
+    variants = {variant_name(name): model for name, model in schedule_variants(base, spec.schedules).items()}
+    streamed = {REFERENCE_WEIGHTS: streamed_bytes(base)}
     unavailable: dict[str, str] = {}
+    for weights in spec.weights:
+        if weights != REFERENCE_WEIGHTS:
+            low_bit = _load_low_bit(spec, rank, world, weights, unavailable, log)
+            if low_bit is not None:
+                streamed[weights] = streamed_bytes(low_bit)
+                variants |= {variant_name(name, weights): model for name, model
+                             in schedule_variants(low_bit, spec.low_bit_schedules(world)).items()}
+    runners: dict[str, Runner] = {name: ladder_runner(model) for name, model in variants.items()}
     if spec.baselines:
-        name, build = (HF_BASELINE, hf_model) if world == 1 else (TORCH_TP_BASELINE, pytorch_tp_model)
-        try:
-            if world > 1 and (obstacle := pytorch_tp_obstacle(base.config, world)):
-                raise BaselineUnavailable(obstacle)  # before loading a whole copy of the weights
-            weights = base.state_dict() if world == 1 else spec.source.full_state_dict()
-            runner = _checked(hf_runner(build(base.config, weights)), base.config.vocab_size)
-            error = None
-        except (BaselineUnavailable, RuntimeError, ValueError) as exc:
-            runner, error = None, f"{type(exc).__name__}: {exc}"
-        if agree_everywhere(runner is not None):
-            runners[name] = runner
-        else:
-            unavailable[name] = error or "failed on another rank"
-            log(f"{name} unavailable: {unavailable[name]}")
+        runners |= _transformers_baseline(spec, base, world, unavailable, log)
+    if spec.llama_cpp is not None:
+        context = max(spec.workload.prompt_tokens, spec.workload.prefill_tokens) + spec.workload.new_tokens + 1
+        llama, missing = llama_cpp_runners(spec.llama_cpp, torch.get_num_threads(), context, log)
+        runners |= llama
+        unavailable |= missing
     samples = interleaved(runners, spec.workload, base.config.vocab_size, log)
-    profile = ({name: profile_decode(variants[name], spec.workload, base.config.vocab_size)
-                for name in ("standard", "ladder") if name in variants} if spec.profile else None)
+    # Every format's standard variant, and at TP>1 the fp32 ladder: what the ladder changes in a step.
+    profiled = [name for name in variants if name.partition(":")[0] == "standard" or (name == "ladder" and world > 1)]
+    profile = ({name: profile_decode(variants[name], spec.workload, base.config.vocab_size) for name in profiled}
+               if spec.profile else None)
     return {
         "rank": rank, "world": world, "transport": getattr(comm.transport(), "name", None),
         "threads": torch.get_num_threads(),
         "cores": sorted(os.sched_getaffinity(0)), "pid": os.getpid(), "gloo_threads": gloo_thread_policies(),
-        "streamed_bytes": streamed_bytes(base), "resident_bytes_after_load": resident,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "streamed_bytes": streamed[REFERENCE_WEIGHTS], "streamed_bytes_by_weights": streamed,
+        "resident_bytes_after_load": resident, "peak_rss_bytes": peak_rss_bytes(),
         "samples": samples, "unavailable": unavailable, "profile": profile,
     }
+
+
+def _load_low_bit(spec: SessionSpec, rank: int, world: int, weights: str, unavailable: dict[str, str],
+                  log: Callable[[str], None]) -> LadderForCausalLM | None:
+    """This rank's shard in `weights`, or None (the reason in `unavailable`) if any rank refused it, e.g.
+    an int4 group that this TP size's split would cut (every rank checks every rank's split)."""
+    try:
+        model, error = spec.source.load(rank, world, weights, spec.group_size), None
+    except ValueError as exc:
+        model, error = None, f"{type(exc).__name__}: {exc}"
+    if agree_everywhere(model is not None):
+        return model
+    unavailable[f"weights {weights}"] = error or "refused on another rank"
+    log(f"weights {weights} unavailable: {unavailable[f'weights {weights}']}")
+    return None
+
+
+def _transformers_baseline(spec: SessionSpec, base: LadderForCausalLM, world: int, unavailable: dict[str, str],
+                           log: Callable[[str], None]) -> dict[str, Runner]:
+    """transformers at TP=1, PyTorch's own tensor parallelism above, on `base`'s fp32 weights."""
+    name, build = (HF_BASELINE, hf_model) if world == 1 else (TORCH_TP_BASELINE, pytorch_tp_model)
+    try:
+        if world > 1 and (obstacle := pytorch_tp_obstacle(base.config, world)):
+            raise BaselineUnavailable(obstacle)  # before loading a whole copy of the weights
+        weights = base.state_dict() if world == 1 else spec.source.full_state_dict()
+        runner = _checked(hf_runner(build(base.config, weights)), base.config.vocab_size)
+        error = None
+    except (BaselineUnavailable, RuntimeError, ValueError) as exc:
+        runner, error = None, f"{type(exc).__name__}: {exc}"
+    if agree_everywhere(runner is not None):
+        return {name: runner}
+    unavailable[name] = error or "failed on another rank"
+    log(f"{name} unavailable: {unavailable[name]}")
+    return {}
 
 
 def gloo_thread_policies() -> dict[str, str]:
@@ -111,49 +161,6 @@ def _checked(runner: Runner, vocab: int) -> Runner:
     """Run the baseline once so that a failure shows now, on every rank alike, not mid-measurement."""
     runner(make_prompts(1, 4, vocab), 2, lambda: None)
     return runner
-
-
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
-
-
-def profile_decode(model: LadderForCausalLM, workload: Workload, vocab: int) -> dict[str, float]:
-    """Where a batch-1 decode step's time goes, per token, from torch.profiler (ms; the profiler's own
-    overhead lands in `python_and_dispatch`)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    steps = max(workload.new_tokens, 8)
-    prompts = make_prompts(1, workload.prompt_tokens, vocab)
-    profiler = profile(activities=[ProfilerActivity.CPU])
-    marks: list[tuple[float, float]] = []
-    with blocked_time() as blocked_clock:
-
-        def on_token() -> None:
-            marks.append((time.perf_counter(), blocked_clock.seconds))
-            if len(marks) == 1:
-                profiler.start()
-
-        try:
-            ladder_runner(model)(prompts, steps, on_token)
-        finally:
-            profiler.stop()
-    decode_steps = len(marks) - 1
-    wall = marks[-1][0] - marks[0][0]
-    blocked = marks[-1][1] - marks[0][1]
-    by_kind = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0, "collective_calls": 0.0}
-    for event in profiler.key_averages():
-        seconds = event.self_cpu_time_total / 1e6
-        if event.key in MATMUL_OPS:
-            by_kind["matmul"] += seconds
-        elif "scaled_dot_product" in event.key:
-            by_kind["attention"] += seconds
-        elif event.key.startswith("c10d::") or event.key.startswith("gloo:"):
-            by_kind["collective_calls"] += seconds
-        elif event.key.startswith("aten::"):
-            by_kind["other_ops"] += seconds
-    by_kind["blocked_in_wait"] = blocked
-    by_kind["python_and_dispatch"] = max(0.0, wall - sum(by_kind.values()))
-    by_kind["wall"] = wall
-    return {kind: 1e3 * seconds / decode_steps for kind, seconds in by_kind.items()}
 
 
 def main(argv: list[str]) -> int:

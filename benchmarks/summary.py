@@ -10,7 +10,8 @@ import os
 import statistics
 from typing import Any
 
-from .workload import ModelSource, Run, Samples
+from .llamacpp import NAME as LLAMA_CPP
+from .workload import ModelSource, Run, Samples, variant_weights
 
 
 def _median_ms(values: list[float]) -> float:
@@ -55,7 +56,8 @@ def speedup_vs_standard(variants: dict[str, Any]) -> dict[str, dict[int, float]]
 
 def summarize(shape: str, source: ModelSource, ranks: list[dict[str, Any]],
               bandwidth: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """One launch's medians per variant, ratios, efficiency, roofline, memory, placement."""
+    """One launch's medians per variant, ratios, efficiency, roofline (per weight format: the bytes it
+    streams), memory, placement. llama.cpp's variants get no roofline share: their bytes are not ours."""
     lead = ranks[0]
     world = lead["world"]
     cores = len(os.sched_getaffinity(0))
@@ -74,12 +76,19 @@ def summarize(shape: str, source: ModelSource, ranks: list[dict[str, Any]],
         "hidden_wait_share": hidden_wait_share(variants) if world > 1 else {},
         "unavailable": lead["unavailable"], "profile": [r["profile"] for r in ranks if r["profile"]],
     }
+    streamed = {weights: [r["streamed_bytes_by_weights"][weights] for r in ranks]
+                for weights in lead.get("streamed_bytes_by_weights", {})}
+    summary["streamed_mb_per_rank_by_weights"] = {w: [round(b / 2**20, 1) for b in per_rank]
+                                                  for w, per_rank in streamed.items()}
     if bandwidth:
         usable = best_bandwidth(bandwidth, threads_total)
         roofline = usable * 1e9 / sum(r["streamed_bytes"] for r in ranks)
         summary["roofline_tokens_per_s"] = round(roofline, 2)
-        summary["roofline_fraction_batch1"] = {name: round(1e3 / v["decode_ms"][1] / roofline, 3)
-                                               for name, v in variants.items() if 1 in v["decode_ms"]}
+        by_weights = {weights: usable * 1e9 / sum(per_rank) for weights, per_rank in streamed.items()}
+        summary["roofline_tokens_per_s_by_weights"] = {w: round(r, 2) for w, r in by_weights.items()}
+        summary["roofline_fraction_batch1"] = {
+            name: round(1e3 / v["decode_ms"][1] / by_weights.get(variant_weights(name), roofline), 3)
+            for name, v in variants.items() if 1 in v["decode_ms"] and not name.startswith(f"{LLAMA_CPP}:")}
     return summary
 
 

@@ -9,10 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from .collectives import cpu_us
+from .llamacpp import variant as llama_cpp_variant
+from .session import HF_BASELINE
 from .sweep import at_subblock_time, efficiency_up_to_subblock
 from .text import per_rank
+from .weights_report import PERPLEXITY_TOLERANCE
+from .workload import variant_name
 
 TARGET_FLOATS = 576  # SmolLM2's hidden vector: one batch-1 decode reduction
+# Issue 10: each weight format at least as fast as llama.cpp's nearest file type...
+NEAREST_LLAMA_CPP = (("int4", "Q4_1"), ("int8", "Q8_0"), ("fp16", "F16"))
+# ... and at least this many times as fast as transformers in fp32.
+VS_TRANSFORMERS = (("int4", 4.0), ("fp32", 1.5))
 Row = tuple[str, str, str, bool | None]  # target, wanted, measured, met (None: for information)
 
 
@@ -122,11 +130,57 @@ def slow_link_rows(report: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def weight_format_rows(report: dict[str, Any], shape: str) -> list[Row]:
+    """Issue 10's speed targets: each format against llama.cpp and transformers at TP=1, int4 at TP=2."""
+    tp1, tp2 = find_session(report, shape, 1), find_session(report, shape, 2, "shm")
+    rows: list[Row] = []
+    measured = tp1["variants"] if tp1 else {}
+    for weights, kind in NEAREST_LLAMA_CPP:
+        ours, theirs = variant_name("standard", weights), llama_cpp_variant(kind)
+        if ours in measured and theirs in measured:
+            mine, llama = _decode_ms(tp1, ours), _decode_ms(tp1, theirs)
+            rows.append((f"{shape} TP=1 {weights} decode vs llama.cpp {kind} (same GGUF, same threads)",
+                         "<= llama.cpp's ms/token", f"{mine:.1f} vs {llama:.1f} ms ({llama / mine:.2f}x)", mine <= llama))
+    for weights, wanted in VS_TRANSFORMERS:
+        ours = variant_name("standard", weights)
+        if ours in measured and HF_BASELINE in measured:
+            ratio = _decode_ms(tp1, HF_BASELINE) / _decode_ms(tp1, ours)
+            rows.append((f"{shape} TP=1 {weights} decode vs transformers fp32 (issue 10)", f">= {wanted:g}x",
+                         f"{ratio:.2f}x", ratio >= wanted))
+    standard, ladder = variant_name("standard", "int4"), variant_name("ladder", "int4")
+    if tp2 and standard in measured and standard in tp2["variants"]:
+        speedup = _decode_ms(tp1, standard) / _decode_ms(tp2, standard)
+        rows.append((f"{shape} int4 TP=2 (shm) vs int4 TP=1 decode (standard schedule)", "> 1.00x",
+                     f"{speedup:.2f}x", speedup > 1))
+        if ladder in tp2["variants"]:
+            ratio = _decode_ms(tp2, standard) / _decode_ms(tp2, ladder)
+            rows.append((f"(for information) {shape} int4 TP=2 (shm): ladder vs standard", "-", f"{ratio:.2f}x", None))
+    return rows
+
+
+def accuracy_rows(report: dict[str, Any]) -> list[Row]:
+    """Issue 10's accuracy targets: perplexity against fp32 per format, and the right chat answer."""
+    measured = report.get("accuracy", {}).get("rows", {})
+    rows: list[Row] = []
+    for weights, tolerance in PERPLEXITY_TOLERANCE.items():
+        if weights in measured and measured[weights]["perplexity_vs_fp32"] is not None:
+            change = measured[weights]["perplexity_vs_fp32"]
+            rows.append((f"{weights} held-out Botchan perplexity vs fp32", f"<= +{tolerance:.1%}", f"{change:+.2%}",
+                         change <= tolerance))
+    if measured:
+        expected = report["accuracy"]["expected"]
+        answers = ", ".join(f"{w}: {'yes' if row['expected_in_answer'] else 'no'}" for w, row in measured.items())
+        rows.append((f"greedy chat answer says {expected}, every weight format", "all", answers,
+                     all(row["expected_in_answer"] for row in measured.values())))
+    return rows
+
+
 def targets_table(report: dict[str, Any]) -> list[str]:
     """Markdown: every target this run can speak to (batch 1 unless the row says otherwise)."""
     shape = report["sessions"][0]["shape"] if report["sessions"] else ""
     rows = (tp1_rows(report, shape) + overlap_rows(report, shape) + collective_row(report)
-            + shm_decode_rows(report, shape) + worst_ladder_row(report) + sweep_rows(report) + slow_link_rows(report))
+            + shm_decode_rows(report, shape) + worst_ladder_row(report) + sweep_rows(report) + slow_link_rows(report)
+            + weight_format_rows(report, shape) + accuracy_rows(report))
     if not rows:
         return []
     verdict = {True: "yes", False: "no", None: "-"}

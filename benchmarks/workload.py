@@ -22,6 +22,7 @@ from ladder.checkpoint import from_pretrained, load_config, save_pretrained
 from ladder.config import LadderConfig, Schedule
 from ladder.generate import generate
 from ladder.model import LadderForCausalLM, random_full_state_dict
+from ladder.quant import DEFAULT_GROUP_SIZE
 
 from .timing import blocked_time
 
@@ -41,6 +42,17 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 SCHEDULES = (Schedule.STANDARD, Schedule.LADDER, Schedule.PARALLEL, Schedule.UPPER_BOUND)
+REFERENCE_WEIGHTS = "fp32"
+
+
+def variant_name(schedule: str, weights: str = REFERENCE_WEIGHTS) -> str:
+    """'standard' for fp32 weights (the names of every report before weight formats), else 'standard:int4'."""
+    return schedule if weights == REFERENCE_WEIGHTS else f"{schedule}:{weights}"
+
+
+def variant_weights(name: str) -> str:
+    """The weight format of a variant named by `variant_name` (a baseline's own, e.g. 'llama.cpp:Q4_1')."""
+    return name.partition(":")[2] or REFERENCE_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -59,10 +71,16 @@ class ModelSource:
             return load_config(self.checkpoint)
         return LadderConfig(**SHAPES[self.shape])
 
-    def load(self, rank: int, world: int) -> LadderForCausalLM:
-        """This rank's shard, every layer standard (the variants reuse its tensors)."""
+    def load(self, rank: int, world: int, weights: str = REFERENCE_WEIGHTS,
+             group_size: int = DEFAULT_GROUP_SIZE) -> LadderForCausalLM:
+        """This rank's shard, every layer standard (the variants reuse its tensors), its projections
+        in the weight format `weights` (`ladder.quant.WEIGHT_FORMATS`; int4 in groups of `group_size`)."""
         if self.checkpoint:
-            return from_pretrained(self.checkpoint, rank, world, schedules=self.config().all_standard().schedules)
+            return load_checkpoint(self.checkpoint, rank, world, weights, group_size,
+                                   schedules=self.config().all_standard().schedules)
+        if weights != REFERENCE_WEIGHTS:
+            raise ValueError(f"{self.shape}: weights {weights!r} are converted while a checkpoint loads; "
+                             "random weights are fp32 until `materialized` writes them as one")
         model = LadderForCausalLM(self.config(), rank, world)
         model.load_full_state_dict(random_full_state_dict(model.config))
         return model.eval()
@@ -81,28 +99,54 @@ class ModelSource:
         return ModelSource(self.shape, str(path), random_weights=True)
 
 
-def schedule_variants(base: LadderForCausalLM, schedules: tuple[Schedule, ...] = SCHEDULES
+def _share_children(target: torch.nn.Module, source: torch.nn.Module, keep: tuple[str, ...] = ()) -> None:
+    """Make `source`'s submodules (except those named in `keep`) `target`'s too: the same objects."""
+    for name, child in source.named_children():
+        if name not in keep:
+            target.register_module(name, child)
+
+
+def load_checkpoint(path: str | Path, rank: int, world: int, weights: str = REFERENCE_WEIGHTS,
+                    group_size: int = DEFAULT_GROUP_SIZE, schedules: list[Schedule] | None = None
+                    ) -> LadderForCausalLM:
+    """`from_pretrained` in weight format `weights`, passed only when not fp32: the call that a ladder
+    without weight formats also takes."""
+    if weights == REFERENCE_WEIGHTS:
+        return from_pretrained(path, rank, world, schedules=schedules)
+    return from_pretrained(path, rank, world, schedules=schedules, weights=weights, group_size=group_size)
+
+
+def schedule_variants(base: LadderForCausalLM, schedules: tuple[Schedule | str, ...] = SCHEDULES
                       ) -> dict[str, LadderForCausalLM]:
-    """One model per schedule, every one holding `base`'s very tensors (no copies)."""
-    weights = base.state_dict()
+    """One model per schedule, every one holding `base`'s very modules and tensors (no copies).
+
+    Only the decoder layers, which carry the schedule, are new; what they and the model hold (norms,
+    projections in whatever weight format, the embedding and the head) is `base`'s.
+    """
     layers = base.config.num_hidden_layers
     variants = {}
-    for schedule in schedules:
-        with torch.device("meta"):
-            model = LadderForCausalLM(base.config.with_schedules([schedule] * layers),
-                                      base.plan.rank, base.plan.world)
-        model.load_state_dict(weights, assign=True)
-        model.tie_weights()
+    for schedule in map(Schedule, schedules):
+        model = LadderForCausalLM.empty(base.config.with_schedules([schedule] * layers), base.plan.rank, base.plan.world)
+        _share_children(model, base, keep=("model",))
+        _share_children(model.model, base.model, keep=("layers",))
+        for layer, base_layer in zip(model.model.layers, base.model.layers, strict=True):
+            _share_children(layer, base_layer)
+        left_on_meta = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+        if left_on_meta:
+            raise RuntimeError(f"schedule variant {schedule.value}: {left_on_meta[:3]} not taken from the base model")
         variants[schedule.value] = model.eval()
     return variants
 
 
-def streamed_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except an embedding table that
-    is not also the LM head (a step reads only one row of it)."""
-    sizes = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    if not model.config.tie_word_embeddings:
-        sizes.pop(model.model.embed_tokens.weight.data_ptr())
+def streamed_bytes(model: LadderForCausalLM) -> int:
+    """Bytes of weights one decode step reads: every parameter and weight buffer once (a low-bit
+    projection's integers and scales are buffers), except an embedding table that is not also the
+    LM head (a step reads only one row of it)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+    embedding = model.model.embed_tokens.weight
+    if getattr(model.lm_head, "weight", None) is not embedding:
+        sizes.pop(embedding.data_ptr())
     return sum(sizes.values())
 
 
@@ -110,9 +154,17 @@ def streamed_bytes(model: torch.nn.Module) -> int:
 
 
 class Runner(Protocol):
-    """Generates `new_tokens` greedily for a batch of prompts, calling `on_token` after each token."""
+    """Generates `new_tokens` greedily for a batch of prompts, calling `on_token` after each token.
+
+    A runner that decodes only up to some number of sequences at once says so in `max_batch`.
+    """
 
     def __call__(self, prompts: list[list[int]], new_tokens: int, on_token: Callable[[], None]) -> None: ...
+
+
+def takes_batch(runner: Runner, batch: int) -> bool:
+    """Whether `runner` decodes `batch` sequences at once (an external baseline may take one only)."""
+    return batch <= getattr(runner, "max_batch", batch)
 
 
 def ladder_runner(model: LadderForCausalLM) -> Runner:
@@ -204,13 +256,14 @@ def interleaved(runners: dict[str, Runner], workload: Workload, vocab: int,
     samples = {name: Samples() for name in runners}
     for batch in workload.batches:
         prompts = make_prompts(batch, workload.prompt_tokens, vocab)
-        for runner in runners.values():
+        taking = {name: runner for name, runner in runners.items() if takes_batch(runner, batch)}
+        for runner in taking.values():
             timed_run(runner, prompts, workload.new_tokens)  # warm-up
         for _ in range(workload.repeats):
-            for name, runner in runners.items():
+            for name, runner in taking.items():
                 samples[name].decode.setdefault(batch, []).append(timed_run(runner, prompts, workload.new_tokens))
         log(f"batch {batch}: " + ", ".join(
-            f"{n} {1e3 * median_decode(s.decode[batch]):.1f}" for n, s in samples.items()) + " ms/token")
+            f"{n} {1e3 * median_decode(samples[n].decode[batch]):.1f}" for n in taking) + " ms/token")
     if not workload.prefill_repeats:
         return samples
     prompts = make_prompts(1, workload.prefill_tokens, vocab, seed=PREFILL_PROMPT_SEED)

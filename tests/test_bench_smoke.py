@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -12,20 +13,29 @@ import torch
 
 from ladder import comm
 from ladder.cli import main
+from ladder.launcher import run
 from ladder_benchmarks import netns
+from ladder_benchmarks.llamacpp import LlamaCppSpec
+from ladder_benchmarks.session import SessionSpec, run_session
 from ladder_benchmarks.summary import hidden_wait_share, overlap_efficiency
 from ladder_benchmarks.timing import TimedTransport, blocked_time
+from ladder_benchmarks.workload import ModelSource, Workload
+
+# Low-bit formats the quick run measures next to fp32 (none on a ladder without `ladder.quant`: the
+# tests of them then skip, saying why).
+LOW_BIT = ("bf16", "int4")  # measured beside fp32 in the quick run
 
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("bench")
     assert main(["bench", "--quick", "--tp", "1,2", "--no-placements", "--slow-link-rate", "off",
-                 "--out", str(out)]) == 0
+                 "--weights", ",".join(("fp32", *LOW_BIT)), "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
 SCHEDULES = {"standard", "ladder", "parallel", "upper-bound"}
+LOW_BIT_VARIANTS = {1: {f"standard:{w}" for w in LOW_BIT}, 2: {f"{s}:{w}" for s in ("standard", "ladder") for w in LOW_BIT}}
 
 
 def test_quick_report_measures_every_variant_at_tp1_and_tp2(quick_report: tuple[Path, dict[str, Any]]) -> None:
@@ -33,9 +43,11 @@ def test_quick_report_measures_every_variant_at_tp1_and_tp2(quick_report: tuple[
     sessions = {(s["tp"], s["transport"]): s for s in report["sessions"]}
     assert sorted(sessions, key=str) == [(1, None), (2, "gloo"), (2, "shm")]  # TP=2 once per transport
     by_tp = {1: sessions[1, None], 2: sessions[2, "shm"]}
-    assert set(by_tp[1]["variants"]) == SCHEDULES | {"hf-transformers"}
-    assert set(by_tp[2]["variants"]) == SCHEDULES | {"pytorch-tp"}, by_tp[2]["unavailable"]
-    assert set(sessions[2, "gloo"]["variants"]) == SCHEDULES  # the baselines run in the first transport's launch
+    assert set(by_tp[1]["variants"]) == SCHEDULES | LOW_BIT_VARIANTS[1] | {"hf-transformers"}
+    assert set(by_tp[2]["variants"]) == SCHEDULES | LOW_BIT_VARIANTS[2] | {"pytorch-tp"}, by_tp[2]["unavailable"]
+    # The baselines run in the first transport's launch.
+    assert set(sessions[2, "gloo"]["variants"]) == SCHEDULES | LOW_BIT_VARIANTS[2]
+    assert by_tp[1]["unavailable"] == {}  # llama.cpp runs at SmolLM2's shape only: not tried here
     for session in sessions.values():
         for name, v in session["variants"].items():
             for batch in ("1", "2"):
@@ -51,16 +63,20 @@ def test_quick_report_measures_every_variant_at_tp1_and_tp2(quick_report: tuple[
     assert by_tp[2]["variants"]["pytorch-tp"]["blocked_ms_per_token"]["1"] == [0.0, 0.0]  # not instrumented
     assert min(sessions[2, "gloo"]["variants"]["standard"]["blocked_ms_per_token"]["1"]) > 0
     assert set(by_tp[2]["overlap_efficiency"]) == {"1", "2"} and by_tp[1]["overlap_efficiency"] == {}
-    for transport in ("shm", "gloo"):
-        profile = sessions[2, transport]["profile"]
-        assert len(profile) == 2 and set(profile[0]) == {"standard", "ladder"}
-        assert profile[0]["standard"]["wall"] >= profile[0]["standard"]["matmul"] > 0
+    for session in sessions.values():  # every format's standard variant, and the ladder where it communicates
+        profile = session["profile"]
+        assert len(profile) == session["tp"]
+        assert set(profile[0]) == {"standard"} | {f"standard:{w}" for w in LOW_BIT} | ({"ladder"} if session["tp"] > 1 else set())
+        for parts in profile[0].values():
+            assert parts["wall"] > parts["matmul"] > 0 and parts["norms"] > 0 and parts["rotary"] > 0
+            assert parts["sampling_and_loop"] > 0 and parts["attention"] > 0
     assert report["slow_link"] == {"skipped": "--slow-link-rate off"}
     assert set(report["bandwidth_gb_s"]) == {str(t) for t in range(1, report["machine"]["cores"] + 1)}
     assert all(set(bw) == {"out-major", "in-major"} and min(bw.values()) > 0 for bw in report["bandwidth_gb_s"].values())
     assert set(by_tp[2]["hidden_wait_share"]) == {"1", "2"} and by_tp[1]["hidden_wait_share"] == {}
     assert set(report["section_seconds"]) == {"bandwidth", "sessions", "placements", "collective cost",
-                                              "latency sweep", "slow link"}
+                                              "latency sweep", "slow link", "accuracy"}
+    assert report["accuracy"] == {"skipped": "tiny has random weights (give --checkpoint for SmolLM2's)"}
 
 
 def test_quick_report_measures_one_collective_per_transport_and_size(
@@ -109,6 +125,48 @@ def test_quick_report_writes_markdown_and_png_plots(quick_report: tuple[Path, di
         assert row in targets, row
     for name in ("decode_tokens_per_s.png", "overlap_efficiency.png", "latency_sweep.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Where a batch-1 decode step's time goes at TP=1" in markdown
+    profile = markdown.split("Where a batch-1 decode step's time goes at TP=2 shm")[1].split("\n\n")[1]
+    assert profile.startswith("| ms per decode step | rank 0 standard |") and "| rotary |" in profile
+    assert "## Accuracy of the weight formats\n\nSkipped: tiny has random weights" in markdown
+
+
+def test_quick_report_measures_the_weight_formats_side_by_side(quick_report: tuple[Path, dict[str, Any]]) -> None:
+    out, report = quick_report
+    for session in report["sessions"]:
+        streamed = {w: mb[0] for w, mb in session["streamed_mb_per_rank_by_weights"].items()}
+        assert streamed["int4"] < streamed["bf16"] < streamed["fp32"] == session["streamed_mb_per_rank"][0]
+        rooflines = session["roofline_tokens_per_s_by_weights"]
+        assert rooflines["int4"] > rooflines["bf16"] > rooflines["fp32"] == session["roofline_tokens_per_s"]
+        assert set(session["roofline_fraction_batch1"]) >= LOW_BIT_VARIANTS[session["tp"]]  # each its format's
+    markdown = (out / "results.md").read_text()
+    assert "| TP | transport | fp32 standard (ladder) | bf16 standard (ladder) | int4 standard (ladder) | " in markdown
+    assert "| 2 | shm | standard:int4 |" in markdown and "| 1 | - | standard:bf16 |" in markdown
+    targets = markdown.split("## Targets")[1].split("##")[0]
+    for row in ("int4 TP=2 (shm) vs int4 TP=1 decode", "int4 TP=2 (shm): ladder vs standard",
+                "int4 decode vs transformers fp32", "fp32 decode vs transformers fp32"):
+        assert row in targets, row
+    assert (out / "weight_formats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_llama_cpp_is_one_clear_line_in_the_report(quick_report: tuple[Path, dict[str, Any]],
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "llama_cpp" else find_spec(name, *rest))
+    workload = Workload(batches=(1,), repeats=1, prompt_tokens=4, new_tokens=2, prefill_repeats=0)
+    spec = SessionSpec(ModelSource("tiny"), workload, schedules=("standard",), baselines=False,
+                       llama_cpp=LlamaCppSpec(gguf=__file__, cache_dir=str(tmp_path / "cache")))
+    [rank] = run(run_session, 1, spec)  # in this process, where llama_cpp cannot be found
+    reason = "llama-cpp-python is not installed (opt-in: pip install -e '.[llamacpp]')"
+    assert rank["unavailable"] == {"llama.cpp": reason} and set(rank["samples"]) == {"standard"}
+    assert not (tmp_path / "cache").exists()
+    _, report = quick_report
+    report = json.loads(json.dumps(report))
+    report["sessions"][0]["unavailable"] = rank["unavailable"]
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    assert main(["bench", "--render", str(tmp_path / "results.json"), "--out", str(tmp_path)]) == 0
+    notes = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("- ")]
+    assert [line for line in notes if "llama.cpp" in line] == [f"- llama.cpp at TP=1 did not run: {reason}"]
 
 
 def test_render_redraws_a_results_json_from_before_the_transports(tmp_path: Path) -> None:
@@ -209,9 +267,6 @@ def test_slow_link_mode_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.skipif(netns.availability() is not None, reason=str(netns.availability()))
 def test_slow_link_runs_two_hosts_through_torchrun_and_cleans_up() -> None:
     import dataclasses
-
-    from ladder_benchmarks.session import SessionSpec
-    from ladder_benchmarks.workload import ModelSource, Workload
 
     spec = SessionSpec(ModelSource("tiny"), dataclasses.replace(Workload.quick(), batches=(1,), prefill_repeats=0),
                        schedules=("standard", "ladder"), baselines=False)
