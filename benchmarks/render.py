@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ladder.quant import WEIGHT_FORMATS
+
 from .collectives import collective_table, collectives_per_token, cpu_us
 from .sweep import sweep_plot, sweep_table
 from .targets import targets_table
 from .text import fmt as _fmt
 from .text import save_figure as _save
 from .weights_report import accuracy_table, profile_table, weights_plot, weights_table
-from .workload import WEIGHT_FORMATS, variant_weights
+from .workload import variant_weights
 
 PAPER_OVERLAP_EFFICIENCY = 0.72  # the Ladder-Residual paper's: 70B, TP=8, H100, batch 1
 ORDER = ("standard", "ladder", "parallel", "upper-bound", "hf-transformers", "pytorch-tp")

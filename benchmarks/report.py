@@ -30,6 +30,7 @@ import torch
 
 from ladder.launcher import Placement, launch
 from ladder.layers import input_major
+from ladder.quant import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS
 
 from . import collectives, netns
 from .accuracy import measure_accuracy
@@ -39,7 +40,7 @@ from .render import write_markdown, write_plots
 from .session import SessionSpec, run_session
 from .summary import summarize
 from .sweep import LATENCIES_US, QUICK_LATENCIES_US, measure_sweep
-from .workload import DEFAULT_GROUP_SIZE, REFERENCE_WEIGHTS, SHAPES, WEIGHT_FORMATS, ModelSource, Workload
+from .workload import REFERENCE_WEIGHTS, SHAPES, ModelSource, Workload
 
 HELP = "benchmark Standard vs Ladder vs Parallel vs upper bound, with baselines"
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ladder.quant import WEIGHT_FORMATS
+
 from .llamacpp import KINDS as LLAMA_CPP_KINDS
 from .llamacpp import NAME as LLAMA_CPP
 from .llamacpp import variant as llama_cpp_variant
 from .profiling import CATEGORIES
 from .session import HF_BASELINE
 from .text import fmt, save_figure, table
-from .workload import REFERENCE_WEIGHTS, WEIGHT_FORMATS, variant_name
+from .workload import REFERENCE_WEIGHTS, variant_name
 
 # The accuracy targets of issue 10: the largest perplexity increase over fp32 each format may have.
 PERPLEXITY_TOLERANCE = {"bf16": 0.005, "fp16": 0.005, "int8": 0.01, "int4": 0.005}
