@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from ladder import LadderConfig, Schedule
+from ladder import LadderConfig, Schedule, random_full_state_dict
+from ladder.writer import CheckpointWriter
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 16}
@@ -45,6 +47,25 @@ def smollm2_layout_config(**overrides: Any) -> LadderConfig:
 def hybrid(n_layers: int) -> list[Schedule]:
     """The paper's adaptation layout: the upper half of the layers ladder, the lower half standard."""
     return [Schedule.STANDARD] * (n_layers // 2) + [Schedule.LADDER] * (n_layers - n_layers // 2)
+
+
+def write_word_checkpoint(path: Path, config: LadderConfig, seed: int, std: float,
+                          tokenizer_config: dict[str, Any]) -> Path:
+    """A random model whose tokenizer reads "w0 w1 ..." as ids 0, 1, ... (the last id spelled "</s>"):
+    everything a command reads from a checkpoint, with token ids a test can write by hand."""
+    vocab = config.vocab_size
+    words = {f"w{i}": i for i in range(vocab - 1)} | {"</s>": vocab - 1}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    with CheckpointWriter(path) as writer:
+        for name, tensor in random_full_state_dict(config, seed=seed, std=std).items():
+            if not (config.tie_word_embeddings and name == "lm_head.weight"):
+                writer.add_tensor(name, tensor)
+        writer.add_json("config.json", config.to_dict())
+        writer.add_file("tokenizer.json", tokenizer.to_str())
+        writer.add_json("tokenizer_config.json", tokenizer_config)
+    return path
 
 
 def hf_llama_model(config: LadderConfig, state_dict: dict[str, torch.Tensor], **changes: Any) -> torch.nn.Module:

@@ -7,12 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import write_word_checkpoint
 
 import ladder
 from ladder.finetune import Settings, validation_loss
 from ladder.launcher import launch
-from ladder.writer import CheckpointWriter
 from ladder_benchmarks import llamacpp
 from ladder_benchmarks.accuracy import QUESTION, measure_accuracy
 from ladder_benchmarks.adaptation import book_text, shipped_smollm2_gguf
@@ -42,20 +41,9 @@ def test_a_group_that_the_tp_split_cuts_is_reported_and_the_rest_measured(tmp_pa
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random model with a word-level tokenizer and a chat template: what the accuracy table reads."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    words = {f"w{i}": i for i in range(VOCAB - 1)} | {"</s>": VOCAB - 1}
-    tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    full = ladder.random_full_state_dict(CONFIG, seed=3, std=0.1)
-    with CheckpointWriter(path) as writer:
-        for name, tensor in full.items():
-            if name != "lm_head.weight":
-                writer.add_tensor(name, tensor)
-        writer.add_json("config.json", CONFIG.to_dict())
-        writer.add_file("tokenizer.json", tokenizer.to_str())
-        writer.add_json("tokenizer_config.json", {
-            "eos_token": "</s>", "chat_template": "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}"})
-    return path
+    chat = {"eos_token": "</s>", "chat_template": "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}"}
+    return write_word_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", CONFIG, seed=3, std=0.1,
+                                 tokenizer_config=chat)
 
 
 def test_accuracy_scores_fine_tuning_validation_split_and_answers_greedily(chat_checkpoint: Path,

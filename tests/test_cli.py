@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_word_checkpoint
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import ladder
 from ladder.checkpoint import CheckpointError
 from ladder.cli import main
-from ladder.writer import CheckpointWriter
 
 VOCAB = 64
 CONFIG = ladder.LadderConfig(
@@ -30,20 +29,8 @@ CONFIG = ladder.LadderConfig(
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random hybrid model with a word-level tokenizer: everything `ladder generate` reads."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    words = {f"w{i}": i for i in range(VOCAB - 1)} | {"</s>": VOCAB - 1}
-    tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    full = ladder.random_full_state_dict(CONFIG, seed=5, std=0.2)
-    with CheckpointWriter(path) as writer:
-        for name, tensor in full.items():
-            if name != "lm_head.weight":
-                writer.add_tensor(name, tensor)
-        writer.add_json("config.json", CONFIG.to_dict())
-        writer.add_file("tokenizer.json", tokenizer.to_str())
-        writer.add_json("tokenizer_config.json", {"eos_token": "</s>"})
-    return path
+    return write_word_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", CONFIG, seed=5, std=0.2,
+                                 tokenizer_config={"eos_token": "</s>"})
 
 
 def _expected(checkpoint: Path, prompt: str, max_new: int) -> list[int]:
