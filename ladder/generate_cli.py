@@ -17,7 +17,7 @@ from ladder.config import DTYPES, Schedule
 from ladder.generate import Sampling, generate
 from ladder.launcher import Placement, under_torchrun
 from ladder.launcher import run as run_ranks
-from ladder.outputs import refuse_overlaps
+from ladder.outputs import refuse_overlaps, write_report
 from ladder.quant import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS, check_format
 from ladder.sharding import ShardPlan
 from ladder.tokenizer import StreamDecoder, Tokenizer
@@ -134,7 +134,7 @@ def generate_on_rank(args: argparse.Namespace, prompts: list[list[int]], samplin
           f"{result.prefill_seconds * 1e3:.0f} ms, decode {result.decode_tokens_per_second:.1f} tokens/s]",
           file=sys.stderr)
     if args.json_out:
-        args.json_out.write_text(json.dumps({
+        write_report(args.json_out, json.dumps({
             "checkpoint": str(args.checkpoint), "weights": args.weights, "world_size": comm.tp_size(), "transport": transport,
             "answers": answers, "tokens": result.tokens, "prefill_seconds": result.prefill_seconds,
             "decode_tokens_per_second": result.decode_tokens_per_second}, indent=2))

@@ -120,6 +120,21 @@ def commit_output(staging: Path, output: Path, force: bool) -> None:
     shutil.rmtree(old)
 
 
+def write_report(path: Path, text: str) -> None:
+    """Write a small report file (e.g. `--json-out`) whole or not at all: into a temporary file beside
+    it, renamed over it at the end by a live job, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=_partial_prefix(path), dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        check_job_alive()
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
+
+
 def check_job_alive() -> None:
     """Refuse to commit from a rank whose launcher has died: an output is committed only by a live job."""
     launcher = os.environ.get(LAUNCHER_PID_ENV)

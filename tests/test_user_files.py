@@ -19,7 +19,7 @@ from conversion_sources import rewrite_weights, write_gguf
 from test_train import text_file, tiny_checkpoint
 
 from ladder.finetune import FinetuneError, Settings, finetune
-from ladder.outputs import LAUNCHER_PID_ENV, MARKER, OutputError, UnsafeFileError
+from ladder.outputs import LAUNCHER_PID_ENV, MARKER, OutputError, UnsafeFileError, write_report
 from ladder.tokenizer import Tokenizer
 from ladder.writer import CheckpointWriter
 from ladder_conversion.convert import convert
@@ -143,6 +143,18 @@ def test_a_rank_whose_launcher_died_commits_nothing(tmp_path: Path, monkeypatch:
           CheckpointWriter(tmp_path / "dst") as writer):
         writer.add_tensor("w", torch.ones(3))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_report_file_is_replaced_whole_and_only_by_a_live_job(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    report = tmp_path / "answer.json"
+    report.write_text("old")
+    write_report(report, "new")
+    assert report.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["answer.json"]
+    monkeypatch.setenv(LAUNCHER_PID_ENV, str(_dead_pid()))
+    with pytest.raises(OutputError, match="the launcher of this job has died"):
+        write_report(report, "from an orphan")
+    assert report.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["answer.json"]
 
 
 @pytest.mark.parametrize(("command", "sig"), [("finetune", signal.SIGKILL), ("finetune", signal.SIGTERM),
