@@ -135,7 +135,7 @@ class LadderConfig:
             check_rope_scaling(self.rope_scaling)
 
     def validate(self) -> None:
-        self._check_field_types()
+        """The relations between fields, once each field alone has passed `_check_field_types`."""
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "

@@ -139,7 +139,7 @@ def generate(model: LadderForCausalLM, prompts: Sequence[Sequence[int]], max_new
     if max_new_tokens == 0:
         return Generation([[] for _ in prompts], sum(map(len, prompts)), 0.0, 0.0, 0, [False] * batch)
     length = max_seq_len or min(longest + max_new_tokens, config.max_position_embeddings)
-    if longest + max(max_new_tokens - 1, 0) > length:
+    if longest + max_new_tokens - 1 > length:
         raise CacheError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit the "
                          f"KV cache of {length} positions")
     model.eval()

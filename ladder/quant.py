@@ -30,17 +30,11 @@ WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_ROW_MULTIPLE = 16  # torch's int4 packing takes a multiple of 16 output rows; others are padded
-HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"
 
 
 class WeightFormatError(ValueError):
     """A weight format that cannot be applied; the message names the tensor and rank."""
-
-
-def is_projection(name: str) -> bool:
-    """Whether checkpoint tensor `name` is a weight that the format stores (a projection or the head)."""
-    return name == HEAD or name.endswith("_proj.weight")
 
 
 def head_format(weights: str) -> str:
@@ -69,7 +63,7 @@ def check_format(weights: str, group_size: int, plan: ShardPlan) -> None:
                                 f"(what torch's int4 kernel supports), got {group_size}")
     for rank in range(plan.world):
         for name, shard in plan.of_rank(rank).tensors.items():
-            if not is_projection(name) or name == HEAD:  # the head is int8 (`head_format`)
+            if not name.endswith("_proj.weight"):  # the head is int8 (`head_format`): no groups
                 continue
             features = shard.full_shape[1]
             if features % group_size:
@@ -120,7 +114,7 @@ class LowBitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.activation_dtype)
         out = self.product(rows).view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return out if self.bias is None else out + self.bias
+        return out if self.bias is None else out.add_(self.bias)  # `out` is this call's own tensor
 
 
 class CastLinear(LowBitLinear):

@@ -44,13 +44,13 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 def _parallel_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits - max, this slice of the softmax, log of the sum of exp) over the vocabulary split
-    across the tensor-parallel group: one max and one sum reduced per token."""
+    """(max logit, this slice of the softmax, log of the sum of exp(logit - max)) over the vocabulary
+    split across the tensor-parallel group: one max and one sum reduced per token. The exponentials
+    are taken in place, so only one logits-sized temporary is made."""
     peak = comm.all_reduce(logits.amax(dim=-1), op="max")
-    shifted = logits - peak.unsqueeze(-1)
-    exp = shifted.exp()
-    total = comm.all_reduce(exp.sum(dim=-1))
-    return shifted, exp.div_(total.unsqueeze(-1)), total.log()
+    probs = (logits - peak.unsqueeze(-1)).exp_()
+    total = comm.all_reduce(probs.sum(dim=-1))
+    return peak, probs.div_(total.unsqueeze(-1)), total.log()
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -61,10 +61,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local = targets - first
         inside = (local >= 0) & (local < logits.shape[-1])
         local = local.masked_fill(~inside, 0)
-        shifted, probs, log_total = _parallel_softmax(logits)
-        target = comm.all_reduce(shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0))
+        peak, probs, log_total = _parallel_softmax(logits)
+        target = comm.all_reduce(logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0))
         ctx.save_for_backward(probs, local, inside)
-        return log_total - target
+        return log_total - (target - peak)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -82,16 +82,19 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
 class _VocabParallelKLDivergence(torch.autograd.Function):
     """Per-token KL(teacher || student) of the temperature-`t` softmaxes, over logits split by vocabulary.
 
-    KL = sum_v p_T (log p_T - log p_S) = sum_v p_T (t_v - s_v) - (log Z_T - log Z_S), with t, s the
-    max-shifted logits: a sum over the vocabulary reduces like the softmax's, one number per token.
+    KL = sum_v p_T (log p_T - log p_S) = sum_v p_T (t_v - s_v) - (M_T - M_S) - (log Z_T - log Z_S), with
+    t, s the scaled logits, M their maxima and Z the sums of exp(logit - M): a sum over the vocabulary
+    reduces like the softmax's, one number per token.
     Scaled by t^2, as Hinton et al. do, so that the gradient's size does not depend on t.
     """
 
     @staticmethod
     def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-        shifted_s, probs_s, log_total_s = _parallel_softmax(student / temperature)
-        shifted_t, probs_t, log_total_t = _parallel_softmax(teacher / temperature)
-        cross = comm.all_reduce((probs_t * (shifted_t - shifted_s)).sum(dim=-1))
+        if temperature != 1:
+            student, teacher = student / temperature, teacher / temperature
+        peak_s, probs_s, log_total_s = _parallel_softmax(student)
+        peak_t, probs_t, log_total_t = _parallel_softmax(teacher)
+        cross = comm.all_reduce((probs_t * (teacher - student)).sum(dim=-1)) - (peak_t - peak_s)
         ctx.temperature = temperature
         ctx.save_for_backward(probs_s.sub_(probs_t))
         return (cross - log_total_t + log_total_s) * temperature**2

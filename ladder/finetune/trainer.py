@@ -116,8 +116,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(settings.warmup_steps, total_steps, settings.min_lr_ratio))
         self.autocast = settings.dtype == "bfloat16"
-        # Built from the weights as they are now, before training (or a resumed state) changes them.
-        self.teacher = Teacher(model) if settings.distill else None
+        # Built from the weights as they are now, before training (or a resumed state) changes them;
+        # none at all when the distillation has no share of the loss.
+        self.teacher = Teacher(model) if settings.distill and settings.distill_weight > 0 else None
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The language-model loss, or its mix with the distillation KL (`distill_weight` the KL's share)."""
