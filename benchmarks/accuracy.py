@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ladder.checkpoint import load_config
+from ladder.checkpoint import from_pretrained, load_config
 from ladder.data import PackedSequences
 from ladder.finetune import Settings
 from ladder.finetune.run import load_data
@@ -25,7 +25,7 @@ from ladder.generate import generate
 from ladder.tokenizer import Tokenizer
 
 from .adaptation import BOTCHAN, book_text
-from .workload import DEFAULT_GROUP_SIZE, REFERENCE_WEIGHTS, load_checkpoint
+from .workload import DEFAULT_GROUP_SIZE, REFERENCE_WEIGHTS
 
 QUESTION = "What is the capital of France?"
 EXPECTED = "Paris"
@@ -52,15 +52,15 @@ def measure_accuracy(checkpoint: str | Path, formats: tuple[str, ...], group_siz
     sequences = held_out(checkpoint, data)
     tokenizer = Tokenizer(checkpoint)
     config = load_config(checkpoint)
-    stops = set(config.eos_token_ids) | ({eos} if (eos := tokenizer.token_id("eos_token")) is not None else set())
+    stops = tokenizer.stop_tokens(config.eos_token_ids)
     prompt = chat_prompt(tokenizer, QUESTION)
     rows: dict[str, dict[str, Any]] = {}
     for weights in formats:
         started = time.perf_counter()
-        model = load_checkpoint(checkpoint, 0, 1, weights, group_size)
+        model = from_pretrained(checkpoint, 0, 1, weights=weights, group_size=group_size)
         with torch.inference_mode():
             loss = evaluate(model, sequences, BATCH)
-        answer = generate(model, [prompt], max_new_tokens=ANSWER_TOKENS, stop_tokens=sorted(stops)).tokens[0]
+        answer = generate(model, [prompt], max_new_tokens=ANSWER_TOKENS, stop_tokens=stops).tokens[0]
         text = tokenizer.decode(answer)
         rows[weights] = {"loss": loss, "perplexity": math.exp(loss), "answer": text, "expected_in_answer": EXPECTED in text,
                          "seconds": round(time.perf_counter() - started, 1)}

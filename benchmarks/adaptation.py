@@ -117,7 +117,7 @@ def chat_answer(checkpoint: Path, schedules: list[Schedule] | None, prompt: str)
     tokenizer = Tokenizer(checkpoint)
     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
     model = from_pretrained(checkpoint, rank=0, world=1, schedules=schedules)
-    result = generate(model, [ids], max_new_tokens=32, stop_tokens=[tokenizer.token_id("eos_token")])
+    result = generate(model, [ids], max_new_tokens=32, stop_tokens=tokenizer.stop_tokens(model.config.eos_token_ids))
     return " ".join(tokenizer.decode(result.tokens[0]).split())
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ladder.generate_cli import at_least
 from ladder.launcher import Placement, launch
 from ladder.layers import input_major
 from ladder.quant import DEFAULT_GROUP_SIZE, WEIGHT_FORMATS
@@ -56,16 +57,9 @@ TRANSPORTS = ("shm", "gloo")
 LLAMA_CPP_SHAPE = "smollm2-135m"  # the shape of the GGUF that llama.cpp runs
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
     """Positive integers (TP sizes, batch sizes), refused before any measurement starts."""
-    return [_positive_int(part) for part in text.split(",") if part]
+    return [at_least(1)(part) for part in text.split(",") if part]
 
 
 def _float_list(text: str) -> list[float]:
@@ -89,9 +83,6 @@ def _weights(text: str) -> list[str]:
     unknown = [n for n in names if n not in WEIGHT_FORMATS]
     if unknown:
         raise argparse.ArgumentTypeError(f"weight formats are {', '.join(WEIGHT_FORMATS)}, got {', '.join(unknown)}")
-    if REFERENCE_WEIGHTS not in names:
-        raise argparse.ArgumentTypeError(f"--weights must include {REFERENCE_WEIGHTS}: every other format is "
-                                         f"compared with it, got {text!r}")
     return list(dict.fromkeys([REFERENCE_WEIGHTS, *names]))  # fp32 first, each once
 
 
@@ -113,8 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llama-cpp-cache", type=Path, default=default_cache_dir(),
                         help="where llama.cpp's requantized GGUF files are kept between runs")
     parser.add_argument("--batches", type=_int_list, default=[1, 4, 16])
-    parser.add_argument("--repeats", type=_positive_int, default=5, help="interleaved rounds per batch size")
-    parser.add_argument("--new-tokens", type=_positive_int, default=17, help="tokens per timed generation")
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="interleaved rounds per batch size")
+    parser.add_argument("--new-tokens", type=at_least(1), default=17, help="tokens per timed generation")
     parser.add_argument("--latencies", type=_float_list, default=None,
                         help="emulated-link latencies (us) of the TP=2 latency sweep, e.g. 0,100,400; the "
                         f"sub-block compute time is added (default {','.join(map(str, LATENCIES_US))}; "

@@ -97,10 +97,7 @@ def weights_plot(sessions: list[dict[str, Any]], out: Path) -> Path | None:
     if len(names) == 1 and not llama:
         return None  # fp32 alone: the main plot shows it
     names += llama + [HF_BASELINE] * (HF_BASELINE in tp1["variants"])
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # render.write_plots chose the Agg backend
 
     fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(names)), 4.5))
     speeds = [1e3 / tp1["variants"][n]["decode_ms"][1] for n in names]

@@ -76,8 +76,8 @@ class ModelSource:
         """This rank's shard, every layer standard (the variants reuse its tensors), its projections
         in the weight format `weights` (`ladder.quant.WEIGHT_FORMATS`; int4 in groups of `group_size`)."""
         if self.checkpoint:
-            return load_checkpoint(self.checkpoint, rank, world, weights, group_size,
-                                   schedules=self.config().all_standard().schedules)
+            return from_pretrained(self.checkpoint, rank, world, schedules=self.config().all_standard().schedules,
+                                   weights=weights, group_size=group_size)
         if weights != REFERENCE_WEIGHTS:
             raise ValueError(f"{self.shape}: weights {weights!r} are converted while a checkpoint loads; "
                              "random weights are fp32 until `materialized` writes them as one")
@@ -104,16 +104,6 @@ def _share_children(target: torch.nn.Module, source: torch.nn.Module, keep: tupl
     for name, child in source.named_children():
         if name not in keep:
             target.register_module(name, child)
-
-
-def load_checkpoint(path: str | Path, rank: int, world: int, weights: str = REFERENCE_WEIGHTS,
-                    group_size: int = DEFAULT_GROUP_SIZE, schedules: list[Schedule] | None = None
-                    ) -> LadderForCausalLM:
-    """`from_pretrained` in weight format `weights`, passed only when not fp32: the call that a ladder
-    without weight formats also takes."""
-    if weights == REFERENCE_WEIGHTS:
-        return from_pretrained(path, rank, world, schedules=schedules)
-    return from_pretrained(path, rank, world, schedules=schedules, weights=weights, group_size=group_size)
 
 
 def schedule_variants(base: LadderForCausalLM, schedules: tuple[Schedule | str, ...] = SCHEDULES

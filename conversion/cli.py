@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Bad input raises (ConversionError, ConfigError, CheckpointError, OutputExistsError): `ladder`
+    """Bad input raises (a ValueError, `ladder.cli.BAD_INPUT`): `ladder`
     prints it as one line with exit code 2."""
     dtype = DTYPES[args.dtype]
     print(convert(args.src, args.dst, args.ladder_layers, dtype, force=args.force, progress=not args.quiet))

@@ -109,9 +109,7 @@ def generate_on_rank(args: argparse.Namespace, prompts: list[list[int]], samplin
     schedules = None if args.schedule is None else [args.schedule] * load_config(args.checkpoint).num_hidden_layers
     model = from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], schedules=schedules,
                             weights=args.weights, group_size=args.group_size)
-    stops = set(model.config.eos_token_ids)
-    if (token := tokenizer.token_id("eos_token")) is not None:
-        stops.add(token)
+    stops = tokenizer.stop_tokens(model.config.eos_token_ids)
     stream = StreamDecoder(tokenizer) if leader and len(prompts) == 1 else None
 
     def show(tokens: torch.Tensor) -> None:
@@ -120,7 +118,7 @@ def generate_on_rank(args: argparse.Namespace, prompts: list[list[int]], samplin
 
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens,
                       sampling=sampling,
-                      stop_tokens=sorted(stops), on_tokens=show)
+                      stop_tokens=stops, on_tokens=show)
     if not leader:
         return
     answers = [tokenizer.decode(row) for row in result.tokens]

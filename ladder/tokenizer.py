@@ -44,6 +44,11 @@ class Tokenizer:
         text = self._special(key)
         return None if text is None else self.inner.token_to_id(text)
 
+    def stop_tokens(self, eos_token_ids: list[int]) -> list[int]:
+        """The ids that end a generation: the config's end-of-text ids and the tokenizer's eos token."""
+        eos = self.token_id("eos_token")
+        return sorted(set(eos_token_ids) | ({eos} if eos is not None else set()))
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.inner.encode(text, add_special_tokens=add_special_tokens).ids
 
