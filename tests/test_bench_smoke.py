@@ -21,8 +21,6 @@ from ladder_benchmarks.summary import hidden_wait_share, overlap_efficiency
 from ladder_benchmarks.timing import TimedTransport, blocked_time
 from ladder_benchmarks.workload import ModelSource, Workload
 
-# Low-bit formats the quick run measures next to fp32 (none on a ladder without `ladder.quant`: the
-# tests of them then skip, saying why).
 LOW_BIT = ("bf16", "int4")  # measured beside fp32 in the quick run
 
 

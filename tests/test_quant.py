@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_compute_thread")
 # Largest |logit - fp32 logit| over the largest |fp32 logit|: half precision rounds each weight to 8
 # (bf16) or 11 (fp16) bits and the activations with them; int8 to 127 steps per row, int4 to 15 per 32
 # (a third of a random weight's deviation per step: the exact check is against dequantized weights below).
-TOLERANCE = {"fp32": 0.0, "bf16": 0.03, "fp16": 0.005, "int8": 0.03, "int4": 0.3}
+TOLERANCE = {"bf16": 0.03, "fp16": 0.005, "int8": 0.03, "int4": 0.3}
 PROMPTS = [[3, 17, 29, 4], [8, 1]]
 
 
@@ -61,7 +61,7 @@ def logits(model: LadderForCausalLM) -> torch.Tensor:
         return model(torch.tensor([PROMPTS[0] * 3]))
 
 
-@pytest.mark.parametrize("weights", WEIGHT_FORMATS)
+@pytest.mark.parametrize("weights", WEIGHT_FORMATS[1:])  # every format but fp32, the reference
 def test_logits_match_fp32_within_the_formats_tolerance(weights: str, checkpoint: Path) -> None:
     expected = logits(from_pretrained(checkpoint, 0, 1))
     got = logits(from_pretrained(checkpoint, 0, 1, weights=weights))
